@@ -1,0 +1,28 @@
+# llavadi — two commands on a fresh machine: `make demo` and `make test`.
+# Both create/update .venv themselves (idempotent: re-running setup is a no-op once the stamp
+# is newer than the dependency files).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.llavadi-setup
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt .ci/setup-venv.sh
+	bash .ci/setup-venv.sh $(VENV)
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/llavadi demo
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)

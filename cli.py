@@ -1,0 +1,117 @@
+"""The ``llavadi`` command (typer). Thin: parse, resolve the config, call the pipeline.
+
+Every stage command takes the run directory, optional ``--config FILE`` and ``key=value``
+overrides (``ingest.shard_size=500``), ``--executor ray|local``, ``--ray-address``, ``--force``
+and ``--dry-run`` (print the resolved config and stop).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .pipeline.config import ConfigError, dump_yaml
+from .pipeline.locks import LockedError
+from .pipeline.runner import StageError, StageFailed, run_stage
+from .pipeline.session import resolve
+from .pipeline import status as status_mod
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Offline, staged knowledge distillation for LLaVA-style multimodal LLMs.")
+
+RunArg = typer.Argument(..., help="run directory (created if missing)")
+OverridesArg = typer.Argument(None, help="config overrides key=value, e.g. ingest.shard_size=500")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (sections per stage)")
+ExecutorOpt = typer.Option(None, "--executor", help="ray (default) or local (in-process)")
+RayAddrOpt = typer.Option(None, "--ray-address", help="join an existing Ray cluster")
+ForceOpt = typer.Option(False, "--force", help="delete this stage's outputs and redo it")
+DryRunOpt = typer.Option(False, "--dry-run", help="print the resolved config and exit")
+
+
+def _fail(msg: str, code: int) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _run_flags(executor: Optional[str], ray_address: Optional[str]) -> list[str]:
+    flags = []
+    if executor:
+        flags.append(f"run.executor={executor}")
+    if ray_address:
+        flags.append(f"run.ray_address={ray_address}")
+    return flags
+
+
+def _launch(stage, run: Path, cfg, force: bool, dry_run: bool) -> None:
+    if dry_run:
+        typer.echo(dump_yaml(cfg), nl=False)
+        return
+    try:
+        rep = run_stage(stage, run, cfg, force=force, progress=sys.stderr.isatty() or bool(os.environ.get("LLAVADI_PROGRESS")))
+    except (StageError, LockedError) as e:
+        _fail(str(e), 2)
+    except StageFailed as e:
+        _fail(str(e), 1)
+    rej = sum(rep.counts.get("rejected", {}).values())
+    typer.echo(f"{stage.name}: {rep.shards_total} shards ({rep.shards_run} run, {rep.shards_skipped} already done); "
+               f"samples in {rep.counts.get('in', 0)}, out {rep.counts.get('out', 0)}, rejected {rej}")
+
+
+@app.command()
+def ingest(run: Path = RunArg, overrides: Optional[List[str]] = OverridesArg,
+           input: Optional[List[str]] = typer.Option(None, "--input", "-i", help="LLaVA .json list, .jsonl or .parquet (repeatable)"),
+           image_root: Optional[str] = typer.Option(None, "--image-root", help="folder that image paths are relative to"),
+           shard_size: Optional[int] = typer.Option(None, "--shard-size", help="records per shard"),
+           config: Optional[str] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
+           ray_address: Optional[str] = RayAddrOpt, force: bool = ForceOpt, dry_run: bool = DryRunOpt) -> None:
+    """Validate LLaVA-format records and write Parquet sample shards to RUN/data/."""
+    from .stages.ingest import STAGE
+
+    flags = _run_flags(executor, ray_address)
+    if input:
+        flags.append("ingest.inputs=" + json.dumps([os.path.abspath(p) for p in input]))
+    if image_root:
+        flags.append("ingest.image_root=" + json.dumps(os.path.abspath(image_root)))
+    if shard_size is not None:
+        flags.append(f"ingest.shard_size={shard_size}")
+    try:
+        cfg = resolve(run, config, flags, overrides)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    _launch(STAGE, run, cfg, force, dry_run)
+
+
+@app.command()
+def status(run: Path = RunArg, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Per stage: shards done/total, samples in/out/rejected (by reason)."""
+    if not run.exists():
+        _fail(f"{run} does not exist", 2)
+    st = status_mod.collect(run)
+    typer.echo(json.dumps(st, indent=1) if as_json else status_mod.render(st))
+
+
+@app.command()
+def demo(run_dir: Path = typer.Option(Path("demo"), "--run-dir", help="where the demo run lives"),
+         quick: bool = typer.Option(False, "--quick", help="smaller sizes"),
+         executor: Optional[str] = ExecutorOpt) -> None:
+    """The pipeline on tiny local models and synthetic visual-QA data (offline)."""
+    from .stages.demo.run import run_demo
+
+    try:
+        run_demo(run_dir, quick=quick, executor=executor or "ray")
+    except (StageError, LockedError, ConfigError) as e:
+        _fail(str(e), 2)
+    except StageFailed as e:
+        _fail(str(e), 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Crash-safe file writes: write to a unique temporary name in the same directory, fsync,
+then ``os.replace`` — a reader (or a relaunch after SIGKILL) sees either nothing or the whole
+file, never a prefix."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"
+
+
+def tmp_name(final: Path) -> Path:
+    """Temporary sibling of ``final``; unique per process so two writers never collide."""
+    return final.with_name(f"{final.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """fsync ``tmp`` then rename it over ``final``."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def write_bytes(final: Path, data: bytes) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        commit(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(final: Path, obj: Any) -> None:
+    write_bytes(final, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_jsonl(final: Path, rows: list[dict]) -> None:
+    write_bytes(final, b"".join((json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n").encode() for r in rows))
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """Checksum of a file, or of a directory store (e.g. Zarr): relative names + file hashes,
+    in sorted order."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def remove_stale_tmp(directory: Path) -> int:
+    """Delete leftovers of writers that died before their rename. Call under the stage lock."""
+    n = 0
+    if not directory.exists():
+        return 0
+    for p in directory.rglob(f"*{TMP_MARK}*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+        elif p.is_dir():
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+    return n

@@ -1,0 +1,252 @@
+"""Typed run configuration: one YAML per run with a section per stage.
+
+Contract
+- ``LlavadiConfig`` is a tree of dataclasses; ``Literal`` fields are choices, units are in the
+  names (``timeout_s``, ``max_new_tokens``).
+- ``load_config(base, overrides)`` builds it from a nested dict plus ``key=value`` overrides
+  (values parsed as YAML scalars/lists) and validates the *whole* tree, raising one
+  ``ConfigError`` that lists every problem.
+- ``to_dict``/``dump_yaml`` give the resolved form written to ``RUN/config.yaml``.
+- The run section (executor, Ray address, worker counts) is *not* part of any stage
+  fingerprint: the same stage gives the same bytes on either executor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """All problems found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class RunConfig:
+    """Where and how stages execute. Not fingerprinted."""
+
+    executor: Literal["ray", "local"] = "ray"
+    ray_address: Optional[str] = None  # None: start an embedded local cluster
+    num_cpus: int = 2  # embedded cluster size; with 1 CPU an actor asking for 1 CPU deadlocks
+    num_workers: int = 2  # shard workers (Ray actors) per stage
+    cpus_per_worker: float = 1.0
+    max_retries: int = 2  # re-runs of a shard whose worker process died
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.num_cpus < 1:
+            p.append("run.num_cpus must be >= 1")
+        if self.num_workers < 1:
+            p.append("run.num_workers must be >= 1")
+        if self.cpus_per_worker <= 0:
+            p.append("run.cpus_per_worker must be > 0")
+        if self.max_retries < 0:
+            p.append("run.max_retries must be >= 0")
+        return p
+
+
+@dataclass
+class IngestConfig:
+    """``llavadi ingest``: LLaVA JSON / JSONL / Parquet → Parquet sample shards."""
+
+    inputs: list[str] = field(default_factory=list)
+    image_root: Optional[str] = None  # image paths in records are relative to this
+    shard_size: int = 1000  # records per output shard
+    max_chars: int = 65536  # a conversation longer than this (all turns) is rejected
+    check_images: bool = True  # open + decode every image (sha256 is always computed)
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.shard_size < 1:
+            p.append("ingest.shard_size must be >= 1")
+        if self.max_chars < 1:
+            p.append("ingest.max_chars must be >= 1")
+        return p
+
+
+@dataclass
+class LlavadiConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+
+    def validate(self) -> list[str]:
+        problems: list[str] = []
+        for f in dataclasses.fields(self):
+            problems += getattr(self, f.name).validate()
+        return problems
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check/convert ``value`` to annotation ``tp``; append a problem and return it unchanged
+    when it does not fit."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, problems)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            if args and args[0] is str and isinstance(value, str):
+                value = [value]  # a single path where a list is expected
+            else:
+                problems.append(f"{key}: expected a list, got {value!r}")
+                return value
+        return [_coerce(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, problems)
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            problems.append(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            problems.append(f"{key}: unknown key{hint}")
+            continue
+        kwargs[k] = _coerce(v, hints[k], key, problems)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive
+        problems.append(f"{prefix}: {e}")
+        return cls()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"regenerate.sampling.temperature=0.7"`` → (["regenerate","sampling","temperature"], 0.7)."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r} is not key=value"])
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError([f"override {text!r} has an empty key"])
+    value = yaml.safe_load(raw) if raw.strip() != "" else None
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    out = json.loads(json.dumps(data))  # deep copy, plain types
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for p in path[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[p] = nxt
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def load_config(base: dict | None = None, overrides: list[str] | None = None) -> LlavadiConfig:
+    """Build and validate; raises ``ConfigError`` listing every problem."""
+    data = apply_overrides(base or {}, list(overrides or []))
+    problems: list[str] = []
+    cfg = _build(LlavadiConfig, data, "", problems)
+    if not problems:
+        problems += cfg.validate()
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_yaml(path: str) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections"])
+    return data
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: LlavadiConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def fingerprint(material: dict, upstream: str | None) -> str:
+    """Stage fingerprint = sha256(stage material + upstream stage fingerprint), 16 hex chars."""
+    h = hashlib.sha256(canonical_json({"material": material, "upstream": upstream}).encode())
+    return h.hexdigest()[:16]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (added/removed included)."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))

@@ -1,0 +1,160 @@
+"""Executors: run shard tasks of a stage and report results as they finish.
+
+- ``LocalExecutor``: in-process, one shard after another (debugging, fast tests). Same bytes
+  as Ray: both call ``stage.execute_shard``.
+- ``RayExecutor``: ``run.num_workers`` Ray actors, each calling ``stage.setup`` once (a model
+  loads once per actor) and then taking shards. An actor that dies (OOM kill, pre-emption,
+  node loss) is replaced and its shard retried up to ``run.max_retries`` times; an exception
+  inside a shard is a result, not a death, and is not retried here (the next launch retries).
+  Tasks are pulled from the stage's plan lazily, at most 2 per actor in flight, so the driver's
+  memory stays flat however many shards there are.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator
+
+from .config import RunConfig
+from .stage import ShardResult, ShardTask, Stage, StageContext, execute_shard
+
+log = logging.getLogger("llavadi")
+
+
+class LocalExecutor:
+    def __init__(self, run_cfg: RunConfig):
+        self.run_cfg = run_cfg
+
+    def run(self, stage: Stage, ctx: StageContext, tasks: Iterable[ShardTask]) -> Iterator[ShardResult]:
+        state = None
+        for task in tasks:
+            if state is None:
+                state = stage.setup(ctx)
+            yield execute_shard(stage, ctx, state, task)
+
+
+def _ray_env_vars() -> dict[str, str]:
+    """Variables workers must see: our fault-injection knobs and vLLM/torch settings."""
+    keep = ("LLAVADI_", "VLLM_", "OMP_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
+    return {k: v for k, v in os.environ.items() if k.startswith(keep)}
+
+
+def init_ray(run_cfg: RunConfig) -> bool:
+    """Join ``run.ray_address`` or start an embedded cluster. Returns True when we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        runtime_env={"env_vars": _ray_env_vars()},
+    )
+    if run_cfg.ray_address:
+        ray.init(address=run_cfg.ray_address, **kwargs)
+    else:
+        ray.init(num_cpus=run_cfg.num_cpus, **kwargs)
+    return True
+
+
+class _Worker:
+    """Body of the Ray actor (wrapped with ``ray.remote`` lazily so importing this module
+    does not import Ray)."""
+
+    def __init__(self, stage: Stage, ctx: StageContext):
+        self.stage, self.ctx = stage, ctx
+        self.state = stage.setup(ctx)
+
+    def run(self, task: ShardTask) -> ShardResult:
+        return execute_shard(self.stage, self.ctx, self.state, task)
+
+
+class RayExecutor:
+    def __init__(self, run_cfg: RunConfig):
+        self.run_cfg = run_cfg
+
+    def run(self, stage: Stage, ctx: StageContext, tasks: Iterable[ShardTask]) -> Iterator[ShardResult]:
+        import ray
+        from ray.exceptions import RayActorError, WorkerCrashedError, ObjectLostError, NodeDiedError
+
+        started = init_ray(self.run_cfg)
+        try:
+            actor_cls = ray.remote(num_cpus=self.run_cfg.cpus_per_worker, max_restarts=0)(_Worker)
+            it = iter(tasks)
+            pending: deque[ShardTask] = deque()  # retries go first
+            attempts: dict[int, int] = {}
+            in_flight: dict[Any, tuple[Any, ShardTask]] = {}  # ref -> (actor, task)
+            actors: list[Any] = []
+            load: dict[Any, int] = {}
+            exhausted = False
+
+            def new_actor():
+                a = actor_cls.remote(stage, ctx)
+                actors.append(a)
+                load[a] = 0
+                return a
+
+            def next_task():
+                nonlocal exhausted
+                if pending:
+                    return pending.popleft()
+                if exhausted:
+                    return None
+                try:
+                    return next(it)
+                except StopIteration:
+                    exhausted = True
+                    return None
+
+            def fill():
+                while True:
+                    if len(actors) < self.run_cfg.num_workers and (pending or not exhausted):
+                        new_actor()
+                    free = [a for a in actors if load[a] < 2]
+                    if not free:
+                        return
+                    task = next_task()
+                    if task is None:
+                        return
+                    a = min(free, key=lambda x: load[x])
+                    ref = a.run.remote(task)
+                    load[a] += 1
+                    in_flight[ref] = (a, task)
+
+            fill()
+            while in_flight:
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                ref = ready[0]
+                actor, task = in_flight.pop(ref)
+                load[actor] = max(0, load.get(actor, 1) - 1)
+                try:
+                    yield ray.get(ref)
+                except (RayActorError, WorkerCrashedError, ObjectLostError, NodeDiedError) as e:
+                    # the process holding the shard died: replace the actor, retry the shard
+                    if actor in actors:
+                        actors.remove(actor)
+                        load.pop(actor, None)
+                        try:
+                            ray.kill(actor)
+                        except Exception:  # noqa: BLE001
+                            pass
+                    n = attempts.get(task.index, 0) + 1
+                    attempts[task.index] = n
+                    if n <= self.run_cfg.max_retries:
+                        log.warning("shard %05d: worker died (%s); retry %d/%d", task.index,
+                                    type(e).__name__, n, self.run_cfg.max_retries)
+                        pending.append(task)
+                    else:
+                        yield ShardResult(task.index, False, error=f"worker died {n} times: {e}")
+                fill()
+            for a in actors:
+                ray.kill(a)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def make_executor(run_cfg: RunConfig):
+    return RayExecutor(run_cfg) if run_cfg.executor == "ray" else LocalExecutor(run_cfg)

@@ -1,0 +1,66 @@
+"""``llavadi status RUN``: per stage, shards total/done and samples in/out/rejected (by reason),
+read only from ``_stage.json`` and the ``_done`` markers (cheap on any size of run)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .rundir import STAGE_ORDER, StageDir
+
+
+def collect(run_dir: Path | str) -> dict:
+    run_dir = Path(run_dir)
+    stages = {}
+    for name in STAGE_ORDER:
+        sd = StageDir(run_dir, name)
+        if not sd.path.exists():
+            continue
+        manifest = sd.read_manifest() or {}
+        fp = manifest.get("fingerprint")
+        done = [d for d in (sd.read_done(i) for i in sd.done_indices()) if d and d.get("fingerprint") == fp]
+        counts = {"in": 0, "out": 0, "rejected": 0}
+        reasons: dict[str, int] = {}
+        for d in done:
+            c = d.get("counts", {})
+            counts["in"] += c.get("in", 0)
+            counts["out"] += c.get("out", 0)
+            for r, n in (c.get("rejected") or {}).items():
+                reasons[r] = reasons.get(r, 0) + n
+        counts["rejected"] = sum(reasons.values())
+        lock = None
+        if sd.lock_file.exists():
+            try:
+                lock = json.loads(sd.lock_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                lock = {"state": "unreadable"}
+        stages[name] = {
+            "fingerprint": fp,
+            "shards_total": manifest.get("shards_total"),
+            "shards_done": len(done),
+            "complete": bool(manifest.get("complete")),
+            "samples": counts,
+            "rejected_by_reason": dict(sorted(reasons.items())),
+            "running": lock,
+        }
+    return {"run_dir": str(run_dir), "stages": stages}
+
+
+def render(status: dict) -> str:
+    rows = [("stage", "shards", "in", "out", "rejected", "state")]
+    for name, s in status["stages"].items():
+        total = s["shards_total"] if s["shards_total"] is not None else "?"
+        state = "running" if s["running"] else ("complete" if s["complete"] else "incomplete")
+        rows.append((name, f"{s['shards_done']}/{total}", str(s["samples"]["in"]), str(s["samples"]["out"]),
+                     str(s["samples"]["rejected"]), state))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"run: {status['run_dir']}"]
+    for j, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for name, s in status["stages"].items():
+        if s["rejected_by_reason"]:
+            lines.append(f"{name} rejects: " + ", ".join(f"{k}={v}" for k, v in s["rejected_by_reason"].items()))
+    if not status["stages"]:
+        lines.append("(no stage has run yet)")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""On-disk contracts shared by producers and consumers (sample records, teacher cache)."""

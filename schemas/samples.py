@@ -1,0 +1,160 @@
+"""Sample shards (design §4): Parquet, one row per conversation, LLaVA convention.
+
+| column          | type                                   | meaning |
+|-----------------|----------------------------------------|---------|
+| id              | string                                 | unique across the run |
+| image           | string, null for text-only rows        | path relative to ``image_root`` |
+| conversations   | list<struct<from: string, value: string>> | alternating human/gpt, starting with human; ``<image>`` marks the image once |
+| image_sha256    | string, null for text-only rows        | sha256 of the image file's bytes |
+| source          | string                                 | input file name + record position (``file.json#12``) |
+
+``regenerate`` adds columns (see its module); readers ignore columns they do not know.
+"""
+from __future__ import annotations
+
+import io
+import hashlib
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+IMAGE_TOKEN = "<image>"
+HUMAN, GPT = "human", "gpt"
+
+TURN_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
+SAMPLE_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", pa.string()),
+    ("conversations", pa.list_(TURN_TYPE)),
+    ("image_sha256", pa.string()),
+    ("source", pa.string()),
+])
+
+
+class Reject(Exception):
+    """A record-level problem: ``reason`` is a stable machine key, ``detail`` a human text."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+# Reject reasons of ingest (stable keys: they appear in rejects/ files, _done counts, status).
+REASONS = {
+    "malformed_json": "the record is not valid JSON",
+    "not_utf8": "the record's bytes are not UTF-8",
+    "not_an_object": "the record is not a JSON object",
+    "missing_id": "no usable 'id'",
+    "duplicate_id": "an earlier record has the same id (the first one is kept)",
+    "bad_conversations": "'conversations' is not a list of {from, value} objects",
+    "bad_roles": "turns must alternate human/gpt, start with human and end with gpt",
+    "empty_turn": "a turn's value is empty",
+    "image_token_mismatch": "'<image>' must appear exactly once iff an image is referenced",
+    "bad_image_field": "'image' is not a non-empty relative path",
+    "missing_image": "the image file does not exist under image_root",
+    "undecodable_image": "the image file cannot be decoded",
+    "too_long": "the conversation is longer than ingest.max_chars",
+}
+
+
+def _check_text(s: str, where: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Reject("not_utf8", f"{where} holds an unpaired surrogate ({e.reason})") from None
+
+
+def normalise_id(rec: dict) -> str:
+    rid = rec.get("id")
+    if isinstance(rid, bool) or rid is None or not isinstance(rid, (str, int)):
+        raise Reject("missing_id", f"id is {rid!r}")
+    rid = str(rid)
+    if not rid.strip():
+        raise Reject("missing_id", "id is empty")
+    _check_text(rid, "id")
+    return rid
+
+
+def validate_conversations(conv, has_image: bool, max_chars: int) -> list[dict]:
+    """Return the turns as ``[{"from", "value"}]`` or raise ``Reject``."""
+    if not isinstance(conv, list) or not conv:
+        raise Reject("bad_conversations", f"conversations is {type(conv).__name__}" + (" (empty)" if conv == [] else ""))
+    turns = []
+    total = 0
+    for i, t in enumerate(conv):
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or "value" not in t:
+            raise Reject("bad_conversations", f"turn {i} is not an object with string 'from' and 'value'")
+        v = t["value"]
+        if not isinstance(v, str):
+            raise Reject("bad_conversations", f"turn {i} value is {type(v).__name__}, not a string")
+        want = HUMAN if i % 2 == 0 else GPT
+        if t["from"] != want:
+            raise Reject("bad_roles", f"turn {i} is from {t['from']!r}, expected {want!r}")
+        if not v.strip():
+            raise Reject("empty_turn", f"turn {i} ({t['from']}) is empty")
+        _check_text(v, f"turn {i}")
+        total += len(v)
+        turns.append({"from": t["from"], "value": v})
+    if len(turns) % 2:
+        raise Reject("bad_roles", f"{len(turns)} turns: the last human turn has no gpt answer")
+    if total > max_chars:
+        raise Reject("too_long", f"{total} characters > ingest.max_chars={max_chars}")
+    n_img = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    if has_image and n_img != 1:
+        raise Reject("image_token_mismatch", f"image referenced but '<image>' appears {n_img} times")
+    if not has_image and n_img:
+        raise Reject("image_token_mismatch", f"no image referenced but '<image>' appears {n_img} times")
+    return turns
+
+
+def check_image(image_root: Path, rel, decode: bool) -> str:
+    """Return the sha256 of the image file, or raise ``Reject``."""
+    if not isinstance(rel, str) or not rel.strip():
+        raise Reject("bad_image_field", f"image is {rel!r}")
+    path = Path(image_root) / rel
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise Reject("missing_image", f"{rel} not found under {image_root}") from None
+    except (IsADirectoryError, PermissionError, OSError) as e:
+        raise Reject("missing_image", f"{rel}: {e}") from None
+    if decode:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            raise Reject("undecodable_image", f"{rel}: {type(e).__name__}: {e}") from None
+    return hashlib.sha256(data).hexdigest()
+
+
+def validate_record(rec, image_root: Optional[Path], max_chars: int, decode_images: bool = True) -> dict:
+    """A raw LLaVA record → a sample row (without ``source``), or raise ``Reject``."""
+    if not isinstance(rec, dict):
+        raise Reject("not_an_object", f"record is {type(rec).__name__}")
+    rid = normalise_id(rec)
+    image = rec.get("image")
+    has_image = image is not None
+    turns = validate_conversations(rec.get("conversations"), has_image, max_chars)
+    sha = None
+    if has_image:
+        if image_root is None:
+            raise Reject("missing_image", "record references an image but no image_root is set")
+        sha = check_image(image_root, image, decode_images)
+    return {"id": rid, "image": image if has_image else None, "conversations": turns, "image_sha256": sha}
+
+
+def write_samples(rows: list[dict], path: Path, schema: pa.Schema = SAMPLE_SCHEMA) -> None:
+    """Write rows to ``path`` (the caller renames it into place). Deterministic bytes."""
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, path, compression="zstd", write_statistics=False)
+
+
+def iter_samples(path: Path | str, batch_size: int = 256, columns: Optional[list[str]] = None) -> Iterator[dict]:
+    """Stream rows of a sample shard as dicts (never loads the whole file)."""
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+        yield from batch.to_pylist()
