@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny models and synthetic data built on the fly (no network), CLI runner."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: ~5 s init, not ~33 s
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cli(*args: str, env: dict | None = None, check: bool = True, cwd: str | None = None, timeout: float = 300):
+    """Run ``python -m llavadi.cli ARGS`` in a subprocess; returns CompletedProcess."""
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "llavadi.cli", *map(str, args)], capture_output=True, text=True,
+                       env=e, cwd=cwd, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"llavadi {' '.join(map(str, args))} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def status_json(run: Path) -> dict:
+    return json.loads(cli("status", run, "--json").stdout)
+
+
+def tree_bytes(stage_dir: Path) -> dict[str, bytes]:
+    """Every output file of a stage (data, rejects, done markers) by relative path; excludes
+    per-run timing stats, the lock and scratch files."""
+    out = {}
+    for p in sorted(stage_dir.rglob("*")):
+        rel = p.relative_to(stage_dir).as_posix()
+        if p.is_file() and not rel.startswith(("stats/", "_staging/")) and rel != "_lock.json":
+            out[rel] = p.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> tuple[Path, Path]:
+    """(train.json, image_root): 120 synthetic conversations, single/multi-turn and text-only."""
+    from llavadi.stages.demo.synthetic_vqa import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    return generate(root, 120, seed=3), root
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    from llavadi.stages.demo.tiny_models import TEACHER, build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "teacher", TEACHER)
