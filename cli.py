@@ -46,7 +46,13 @@ def _run_flags(executor: Optional[str], ray_address: Optional[str]) -> list[str]
     return flags
 
 
-def _launch(stage, run: Path, cfg, force: bool, dry_run: bool) -> None:
+def _stage_command(stage, run: Path, config: Optional[str], flags: list[str], overrides: Optional[list[str]],
+                   force: bool, dry_run: bool) -> None:
+    """Resolve the config (stored ← --config ← flags ← overrides) and launch the stage."""
+    try:
+        cfg = resolve(run, config, flags, overrides)
+    except ConfigError as e:
+        _fail(str(e), 2)
     if dry_run:
         typer.echo(dump_yaml(cfg), nl=False)
         return
@@ -78,11 +84,24 @@ def ingest(run: Path = RunArg, overrides: Optional[List[str]] = OverridesArg,
         flags.append("ingest.image_root=" + json.dumps(os.path.abspath(image_root)))
     if shard_size is not None:
         flags.append(f"ingest.shard_size={shard_size}")
-    try:
-        cfg = resolve(run, config, flags, overrides)
-    except ConfigError as e:
-        _fail(str(e), 2)
-    _launch(STAGE, run, cfg, force, dry_run)
+    _stage_command(STAGE, run, config, flags, overrides, force, dry_run)
+
+
+@app.command()
+def regenerate(run: Path = RunArg, overrides: Optional[List[str]] = OverridesArg,
+               teacher: Optional[str] = typer.Option(None, "--teacher", help="teacher model directory (teacher.model)"),
+               engine: Optional[str] = typer.Option(None, "--engine", help="vllm (default) or hf"),
+               config: Optional[str] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
+               ray_address: Optional[str] = RayAddrOpt, force: bool = ForceOpt, dry_run: bool = DryRunOpt) -> None:
+    """Re-answer every assistant turn of RUN/data/ with the teacher (vLLM) into RUN/regenerate/."""
+    from .stages.regenerate import STAGE
+
+    flags = _run_flags(executor, ray_address)
+    if teacher:
+        flags.append("teacher.model=" + json.dumps(os.path.abspath(teacher)))
+    if engine:
+        flags.append(f"regenerate.engine={engine}")
+    _stage_command(STAGE, run, config, flags, overrides, force, dry_run)
 
 
 @app.command()

@@ -76,9 +76,81 @@ class IngestConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The teacher model, shared by regenerate and cache-teacher (and eval's teacher row)."""
+
+    model: Optional[str] = None  # a save_pretrained directory (LLaVA-style, with processor)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    num_actors: int = 1  # engine replicas (Ray actors), each loads the teacher once
+    gpus_per_actor: float = 0.0  # 0 on CPU; = tensor_parallel_size on GPU machines
+    cpus_per_actor: float = 1.0
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.max_model_len is not None and self.max_model_len < 16:
+            p.append("teacher.max_model_len must be >= 16")
+        if self.tensor_parallel_size < 1:
+            p.append("teacher.tensor_parallel_size must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            p.append("teacher.gpu_memory_utilization must be in (0, 1]")
+        if self.num_actors < 1:
+            p.append("teacher.num_actors must be >= 1")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            p.append("teacher.gpus_per_actor must be >= 0 and teacher.cpus_per_actor > 0")
+        return p
+
+
+@dataclass
+class SamplingConfig:
+    """Teacher sampling for regeneration. The study: temperature 1.0, 128 new tokens."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    stop: list[str] = field(default_factory=list)  # stop strings (the answer is cut before them)
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.temperature < 0:
+            p.append("regenerate.sampling.temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            p.append("regenerate.sampling.top_p must be in (0, 1]")
+        if self.top_k < 0:
+            p.append("regenerate.sampling.top_k must be >= 0 (0 = off)")
+        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            p.append("regenerate.sampling: need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens")
+        return p
+
+
+@dataclass
+class RegenerateConfig:
+    """``llavadi regenerate``: every assistant turn re-answered by the teacher, turn by turn."""
+
+    engine: Literal["vllm", "hf"] = "vllm"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0  # per-sample seeds derive from (seed, sample id, turn): a rerun is identical
+    block_size: int = 256  # samples per turn-synchronous generate call
+    reject_truncated: bool = False  # an answer that hit max_new_tokens is a reject (else kept)
+    on_failure: Literal["reject", "keep_original"] = "reject"  # what a failed sample/turn becomes
+
+    def validate(self) -> list[str]:
+        p = self.sampling.validate()
+        if self.block_size < 1:
+            p.append("regenerate.block_size must be >= 1")
+        return p
+
+
+@dataclass
 class LlavadiConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    regenerate: RegenerateConfig = field(default_factory=RegenerateConfig)
 
     def validate(self) -> list[str]:
         problems: list[str] = []

@@ -27,11 +27,11 @@ class LocalExecutor:
         self.run_cfg = run_cfg
 
     def run(self, stage: Stage, ctx: StageContext, tasks: Iterable[ShardTask]) -> Iterator[ShardResult]:
-        state = None
+        worker = None
         for task in tasks:
-            if state is None:
-                state = stage.setup(ctx)
-            yield execute_shard(stage, ctx, state, task)
+            if worker is None:
+                worker = _Worker(stage, ctx)
+            yield worker.run(task)
 
 
 def _ray_env_vars() -> dict[str, str]:
@@ -65,10 +65,28 @@ class _Worker:
 
     def __init__(self, stage: Stage, ctx: StageContext):
         self.stage, self.ctx = stage, ctx
-        self.state = stage.setup(ctx)
+        self.setup_error = None
+        try:
+            self.state = stage.setup(ctx)
+        except Exception as e:  # noqa: BLE001 - reported per shard, not retried (it would fail again)
+            import traceback
+
+            self.setup_error = f"worker setup failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
 
     def run(self, task: ShardTask) -> ShardResult:
+        if self.setup_error:
+            return ShardResult(task.index, False, error=self.setup_error)
         return execute_shard(self.stage, self.ctx, self.state, task)
+
+
+def worker_resources(stage: Stage, ctx: StageContext) -> dict:
+    """Actors and their Ray resources: the stage's own (model stages: ``teacher.num_actors``,
+    GPUs per actor) or the run defaults."""
+    fn = getattr(stage, "resources", None)
+    if fn is not None:
+        return fn(ctx.cfg)
+    r = ctx.cfg.run
+    return {"num_workers": r.num_workers, "num_cpus": r.cpus_per_worker, "num_gpus": 0}
 
 
 class RayExecutor:
@@ -80,8 +98,9 @@ class RayExecutor:
         from ray.exceptions import RayActorError, WorkerCrashedError, ObjectLostError, NodeDiedError
 
         started = init_ray(self.run_cfg)
+        res = worker_resources(stage, ctx)
         try:
-            actor_cls = ray.remote(num_cpus=self.run_cfg.cpus_per_worker, max_restarts=0)(_Worker)
+            actor_cls = ray.remote(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=0)(_Worker)
             it = iter(tasks)
             pending: deque[ShardTask] = deque()  # retries go first
             attempts: dict[int, int] = {}
@@ -110,7 +129,7 @@ class RayExecutor:
 
             def fill():
                 while True:
-                    if len(actors) < self.run_cfg.num_workers and (pending or not exhausted):
+                    if len(actors) < res["num_workers"] and (pending or not exhausted):
                         new_actor()
                     free = [a for a in actors if load[a] < 2]
                     if not free:

@@ -84,9 +84,12 @@ def run_stage(stage: Stage, run_dir: Path | str, cfg: LlavadiConfig, *, force: b
               progress: bool = True) -> StageReport:
     run_dir = Path(run_dir)
     problems = list(stage.preflight(cfg, run_dir))
-    if problems:
+    try:
+        up_fp = upstream_fingerprint(stage, run_dir)
+    except StageError as e:
+        problems.append(str(e))
+    if problems:  # every stage-level problem at once, before any work or model load
         raise StageError(f"{stage.name}: cannot start:\n  " + "\n  ".join(problems))
-    up_fp = upstream_fingerprint(stage, run_dir)
     material = stage.material(cfg, run_dir)
     fp = fingerprint(material, up_fp)
     sd = StageDir(run_dir, stage.dir_name, stage.ext)

@@ -1,0 +1,241 @@
+"""``llavadi regenerate``: every assistant turn of ``data/`` re-answered by the teacher
+(the study's data-driven finding: students learn better from the teacher's own answers).
+
+Per shard, in blocks of ``regenerate.block_size`` samples, turn-synchronously: all first
+turns of the block in one ``generate`` call, then all second turns (each prompt holding the
+teacher's own earlier answers), and so on — continuous batching stays full. Seeds derive
+from (seed, sample id, turn), so a shard regenerated twice is byte-identical.
+
+Output ``regenerate/part-NNNNN.parquet``: the sample columns (``conversations`` now holds the
+teacher's answers) plus
+
+| column                   | type                 | meaning |
+|--------------------------|----------------------|---------|
+| original_conversations   | list<struct<from, value>> | the turns as ingested |
+| teacher                  | string (JSON)        | {"model", "name", "weights"} — path, dir name, weights identity |
+| sampling                 | string (JSON)        | engine, temperature, top_p, top_k, max/min_new_tokens, stop, seed |
+| turn_finish_reasons      | list<string>         | per assistant turn: stop, length, or kept_original |
+| turn_num_tokens          | list<int32>          | generated tokens per assistant turn (0 when kept) |
+
+Rejects (``regenerate/rejects/``): ``prompt_too_long`` (prompt ≥ teacher.max_model_len),
+``image_error`` (file unreadable or fails in the processor), ``empty_generation``,
+``truncated`` (hit max_new_tokens with ``reject_truncated=true``). With
+``on_failure=keep_original`` the original answer is kept instead (finish reason
+``kept_original``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+
+from ..pipeline import atomic
+from ..pipeline.config import LlavadiConfig
+from ..pipeline.stage import ShardOutput, ShardTask, StageContext
+from ..pipeline.teacher_engines import (GenRequest, make_engine, max_model_len, prompt_token_count, request_seed,
+                                        weights_identity)
+from ..schemas.conversation import render_prompt
+from ..schemas.samples import SAMPLE_SCHEMA, TURN_TYPE, iter_samples, write_samples
+
+REGEN_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [
+    pa.field("original_conversations", pa.list_(TURN_TYPE)),
+    pa.field("teacher", pa.string()),
+    pa.field("sampling", pa.string()),
+    pa.field("turn_finish_reasons", pa.list_(pa.string())),
+    pa.field("turn_num_tokens", pa.list_(pa.int32())),
+])
+
+
+def teacher_preflight(cfg: LlavadiConfig) -> list[str]:
+    t = cfg.teacher.model
+    if not t:
+        return ["no teacher: set teacher.model=DIR (a save_pretrained LLaVA directory with its processor)"]
+    if not os.path.isdir(t) or not os.path.exists(os.path.join(t, "config.json")):
+        return [f"teacher.model {t} is not a model directory (no config.json)"]
+    return []
+
+
+def teacher_identity(cfg: LlavadiConfig) -> dict:
+    m = cfg.teacher.model
+    return {"model": os.path.abspath(m), "name": Path(m).name, "weights": weights_identity(m)}
+
+
+def load_image(image_root: str | None, rel: str):
+    from PIL import Image
+
+    with Image.open(Path(image_root or "") / rel) as im:
+        return im.convert("RGB")
+
+
+class RegenerateStage:
+    name = "regenerate"
+    dir_name = "regenerate"
+    ext = "parquet"
+    upstream = "data"
+
+    def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
+        p = teacher_preflight(cfg)
+        if cfg.regenerate.engine == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                p.append("regenerate.engine=vllm but vLLM is not installed: run `make setup`, or use regenerate.engine=hf")
+        return p
+
+    def material(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
+        t = asdict(cfg.teacher)
+        # how many replicas serve the teacher does not change the output
+        for k in ("num_actors", "gpus_per_actor", "cpus_per_actor", "gpu_memory_utilization"):
+            t.pop(k)
+        return {"regenerate": asdict(cfg.regenerate), "teacher": t, "teacher_identity": teacher_identity(cfg),
+                "image_root": cfg.ingest.image_root}
+
+    def resources(self, cfg: LlavadiConfig) -> dict:
+        t = cfg.teacher
+        return {"num_workers": t.num_actors, "num_cpus": t.cpus_per_actor, "num_gpus": t.gpus_per_actor}
+
+    def plan(self, ctx: StageContext, is_done: Callable[[int], bool]) -> Iterator[ShardTask | int]:
+        for i in ctx.upstream.done_indices():
+            yield i if is_done(i) else ShardTask(i, str(ctx.upstream.data_file(i)))
+
+    def setup(self, ctx: StageContext):
+        return make_engine(ctx.cfg.regenerate.engine, ctx.cfg.teacher)
+
+    def process(self, ctx: StageContext, engine, task: ShardTask) -> ShardOutput:
+        c = ctx.cfg.regenerate
+        rows_out, rejects = [], []
+        reasons: dict[str, int] = {}
+        n_in = gen_tokens = 0
+        t0 = time.time()
+        ident = json.dumps(teacher_identity(ctx.cfg), sort_keys=True)
+        sampling = json.dumps({"engine": c.engine, **asdict(c.sampling), "seed": c.seed}, sort_keys=True)
+        block: list[dict] = []
+        finish_counts: dict[str, int] = {}
+
+        def reject(row, reason, detail):
+            reasons[reason] = reasons.get(reason, 0) + 1
+            rejects.append({"id": row["id"], "source": row.get("source"), "reason": reason, "detail": detail})
+
+        def run_block(block):
+            nonlocal gen_tokens
+            for row, res in zip(block, self._regenerate_block(ctx, engine, block)):
+                if "reject" in res:
+                    reject(row, *res["reject"])
+                    continue
+                turns, reasons_t, ntoks = res["turns"], res["reasons"], res["ntoks"]
+                gen_tokens += sum(ntoks)
+                for r in reasons_t:
+                    finish_counts[r] = finish_counts.get(r, 0) + 1
+                rows_out.append({**{k: row[k] for k in ("id", "image", "image_sha256", "source")},
+                                 "conversations": turns, "original_conversations": row["conversations"],
+                                 "teacher": ident, "sampling": sampling, "turn_finish_reasons": reasons_t,
+                                 "turn_num_tokens": ntoks})
+
+        for row in iter_samples(task.payload):
+            n_in += 1
+            block.append(row)
+            if len(block) == c.block_size:
+                run_block(block)
+                block = []
+        if block:
+            run_block(block)
+        out = ctx.stage.data_file(task.index)
+        tmp = atomic.tmp_name(out)
+        try:
+            write_samples(rows_out, tmp, REGEN_SCHEMA)
+            atomic.commit(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        atomic.write_jsonl(ctx.stage.rejects_file(task.index), rejects)
+        secs = time.time() - t0
+        counts = {"in": n_in, "out": len(rows_out), "rejected": dict(sorted(reasons.items()))}
+        stats = {"generated_tokens": gen_tokens, "generate_seconds": round(secs, 3),
+                 "generated_tokens_per_s": round(gen_tokens / secs, 1) if secs > 0 else None,
+                 "finish_reasons": finish_counts}
+        print(f"[regenerate] shard {task.index:05d}: {len(rows_out)}/{n_in} samples, {gen_tokens} tokens, "
+              f"{stats['generated_tokens_per_s']} tok/s", file=sys.stderr, flush=True)
+        return ShardOutput(out, counts, stats)
+
+    def _regenerate_block(self, ctx: StageContext, engine, block: list[dict]) -> list:
+        """Per sample: ``{"turns", "reasons", "ntoks"}`` or ``{"reject": (reason, detail)}``."""
+        c = ctx.cfg.regenerate
+        keep = c.on_failure == "keep_original"
+        proc = engine.processor
+        tok = engine.tokenizer
+        limit = max_model_len(ctx.cfg.teacher)
+        state = []  # per sample: dict(img, new_turns, reasons, ntoks, failed)
+        for row in block:
+            st = {"img": None, "turns": [], "reasons": [], "ntoks": [], "fail": None}
+            if row["image"] is not None:
+                try:
+                    st["img"] = load_image(ctx.cfg.ingest.image_root, row["image"])
+                except Exception as e:  # noqa: BLE001 - any unreadable image is this record's problem
+                    st["fail"] = ("image_error", f"{row['image']}: {type(e).__name__}: {e}")
+            state.append(st)
+        n_turns = max(len(r["conversations"]) // 2 for r in block)
+        for t in range(n_turns):
+            reqs, who = [], []
+            for j, (row, st) in enumerate(zip(block, state)):
+                conv = row["conversations"]
+                if st["fail"] or 2 * t >= len(conv):
+                    continue
+                history = st["turns"] + [conv[2 * t]]
+                prompt = render_prompt(tok, history)
+                try:
+                    n = prompt_token_count(proc, prompt, st["img"])
+                except Exception as e:  # noqa: BLE001
+                    st["fail"] = ("image_error", f"processor failed: {type(e).__name__}: {e}")
+                    continue
+                if n >= limit:
+                    st["fail"] = ("prompt_too_long", f"turn {t}: {n} prompt tokens >= max_model_len={limit}")
+                    continue
+                reqs.append(GenRequest(prompt, st["img"], request_seed(c.seed, row["id"], t)))
+                who.append(j)
+            results = engine.generate(reqs, c.sampling) if reqs else []
+            for j, res in zip(who, results):
+                row, st = block[j], state[j]
+                conv = row["conversations"]
+                text = tok.decode(res.token_ids, skip_special_tokens=True)
+                reason = res.finish_reason
+                for s in c.sampling.stop:
+                    if s in text:
+                        text, reason = text[: text.index(s)], "stop"
+                text = text.strip()
+                problem = None
+                if not text:
+                    problem = ("empty_generation", f"turn {t}: the teacher generated no text")
+                elif reason == "length" and c.reject_truncated:
+                    problem = ("truncated", f"turn {t}: hit max_new_tokens={c.sampling.max_new_tokens}")
+                if problem and not keep:
+                    st["fail"] = problem
+                    continue
+                if problem:
+                    text, reason, n_tok = conv[2 * t + 1]["value"], "kept_original", 0
+                else:
+                    n_tok = len(res.token_ids)
+                st["turns"] += [conv[2 * t], {"from": "gpt", "value": text}]
+                st["reasons"].append(reason)
+                st["ntoks"].append(n_tok)
+        out = []
+        for row, st in zip(block, state):
+            if st["fail"] and keep:
+                # sample-level failure (image, prompt length): keep the original answers
+                k = len(row["conversations"]) // 2
+                out.append({"turns": row["conversations"], "reasons": ["kept_original"] * k, "ntoks": [0] * k})
+            elif st["fail"]:
+                out.append({"reject": st["fail"]})
+            else:
+                out.append({"turns": st["turns"], "reasons": st["reasons"], "ntoks": st["ntoks"]})
+        return out
+
+    def cleanup(self, ctx: StageContext, task: ShardTask) -> None:
+        pass
+
+
+STAGE = RegenerateStage()

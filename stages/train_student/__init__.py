@@ -1,0 +1,1 @@
+"""llavadi train-student: stream the teacher cache and train the student."""

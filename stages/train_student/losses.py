@@ -1,0 +1,373 @@
+"""Distillation losses for ``llavadi train-student`` (pure PyTorch).
+
+Every function takes **answer positions only**, flattened to rows: ``N`` answer tokens, vocabulary
+``V``, top-k width ``k``, hidden sizes ``Hs`` (student) / ``Ht`` / ``H`` (teacher).
+
+==========================  ===================  ==========================================
+argument                    shape                dtype
+==========================  ===================  ==========================================
+``student_logits``          ``[N, V]``           float32 / float16 / bfloat16
+``teacher_logits``          ``[N, V]``           float32 / float16 / bfloat16
+``topk_ids``                ``[N, k]``           int32 / int64 (distinct ids per row)
+``topk_logprobs``           ``[N, k]``           float32 / float16, raw log-probs at T = 1
+``teacher_logit_std``       ``[N]`` or ``[N,1]`` float32 (the cache's ``logit_stats[:, 1]``)
+``student_hidden``          ``[N, Hs]``          any float (the student's final hidden state)
+``student_head_weight``     ``[V, Hs]``          any float (the student's ``lm_head.weight``)
+``teacher_hidden``          ``[N, Ht]``          any float (the cache's ``hidden``)
+``teacher_head_weight``     ``[V, Ht]``          any float (``teacher_head.safetensors``)
+==========================  ===================  ==========================================
+
+Conventions
+-----------
+* All arithmetic runs in float32 (half inputs are upcast, autocast is switched off inside the
+  losses); results are float32.
+* The teacher side is a constant target: it is detached and never receives gradients.
+* ``kind``: ``"fkl"`` = KL(teacher || student) (the default, the study's), ``"rkl"`` =
+  KL(student || teacher), ``"jsd"`` = TRL's generalised Jensen-Shannon divergence: ``beta == 0``
+  is exactly forward KL, ``beta == 1`` exactly reverse KL, otherwise with
+  ``M = beta * P_teacher + (1 - beta) * P_student``
+  ``JSD = beta * KL(P_teacher || M) + (1 - beta) * KL(P_student || M)``
+  (so it is discontinuous at the two ends, as in TRL's ``generalized_jsd_loss``).
+* Temperature ``T``: both distributions are softened by ``T`` and the divergence is multiplied by
+  ``T**2`` (Hinton et al.: keeps gradient magnitudes comparable across temperatures). At
+  ``T = 1`` the factor is 1.
+* ``standardize=True`` is logit standardization (Sun et al., CVPR 2024, "Logit Standardization
+  in Knowledge Distillation"): each logit row ``z`` is replaced by ``(z - mean(z)) / (std(z) + 1e-7)``
+  over the vocabulary (``std`` with Bessel's correction, as ``torch.std`` and the paper's code)
+  before dividing by ``T``. The cache's ``logit_stats[:, 1]`` must use the same std.
+* Reduction: ``"mean"`` = mean over the ``N`` rows of the per-row divergence (summed over the
+  vocabulary / buckets), ``"sum"`` = sum over rows, ``"none"`` = the ``[N]`` per-row values.
+  ``"mean"`` over zero rows is 0 (still attached to the graph), not NaN.
+
+Top-k + tail bucket (``topk_kd_loss``)
+--------------------------------------
+Both distributions are coarsened to ``k + 1`` buckets: the teacher's top-k ids, and one tail
+bucket for the rest of the vocabulary. The teacher's tail mass is ``1 - sum(exp(topk_logprobs))``
+computed as ``-expm1(logsumexp(topk_logprobs))`` and clamped at 0; the student's tail is the
+log-sum-exp of its log-probs over the complement of the top-k ids (computed directly, not as
+``1 - sum``, so it stays exact when the tail is tiny). After tempering, both tails get ``TAIL_EPS``
+(1e-8) added and both bucket vectors are renormalised, which keeps the losses and their gradients finite when a
+tail is ~0 (k = V, or a teacher whose top-k holds all the mass, e.g. after float16 rounding makes
+the top-k sum exceed 1); the perturbation is below float32 resolution. At ``T = 1`` (and no
+standardization) the loss is the exact divergence between the coarsened distributions.
+
+At ``T != 1`` the student is tempered over the full vocabulary *before* coarsening (exact), but
+the teacher's full logit row is not in the cache, so its ``k + 1`` buckets are re-tempered as
+``p_i ** (1/T)`` renormalised. For the top-k buckets relative to each other this is exact; the tail
+is treated as a single token, which is an approximation (the true tempered tail mass is
+``sum over the tail of p_j ** (1/T)``, larger than ``p_tail ** (1/T)`` for ``T > 1``).
+With ``standardize=True`` the student row is z-scored over the full vocabulary; for the teacher,
+standardizing then dividing by ``T`` equals tempering its raw logits by ``std * T`` (the mean
+shift cancels in the softmax), so its buckets are re-tempered with ``T_eff = (std + 1e-7) * T``
+per row from ``teacher_logit_std`` -- the same single-tail-bucket approximation. Note that tempering
+raises small tail masses a lot (``1e-7 ** (1/5) = 0.04``), including rounding noise in
+``1 - sum(exp(topk_logprobs))`` (about ``k * 1e-7`` for float32 log-probs, ``k * 1e-3`` for float16), so
+with large ``T_eff`` the tail bucket is only as good as the cached log-probs' precision.
+
+Exact full vocabulary (``dense_kd_loss``, ``chunked_exact_kd_loss``)
+--------------------------------------------------------------------
+``dense_kd_loss`` takes both full logit rows. ``chunked_exact_kd_loss`` recomputes the teacher's
+logits from the cached hidden states and the teacher head, and the student's from its hidden
+states and head, ``chunk_size`` rows at a time; each chunk runs under
+``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, so only the ``[N]`` per-row losses
+(and the inputs, which are resident anyway) are kept for backward and the ``[chunk, V]`` logits
+are recomputed chunk by chunk during backward: full ``[N, V]`` logits of either model never exist,
+forward or backward. Peak extra memory is a few ``chunk_size x V`` float32 buffers (plus one
+float32 copy of a head weight that is not float32 already). Value and gradients equal
+``dense_kd_loss`` of the unchunked logits.
+
+Features (``FeatureProjector``, ``feature_loss``)
+-------------------------------------------------
+``FeatureProjector(Hs, H)`` maps the student's hidden state to the teacher's width (``"mlp"``:
+Linear-GELU-Linear, the study's; ``"linear"``: one Linear). ``feature_loss`` is ``"mse"`` (per row:
+the mean over ``H`` of the squared error; ``"mean"`` then averages rows, i.e. the mean over all
+``N * H`` elements, as ``F.mse_loss``) or ``"cosine"`` (per row ``1 - cos_sim``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+KD_KINDS = ("fkl", "rkl", "jsd")
+FEATURE_KINDS = ("mse", "cosine")
+PROJECTOR_KINDS = ("mlp", "linear")
+REDUCTIONS = ("mean", "sum", "none")
+TAIL_EPS = 1e-8  # added to both tail buckets (top-k path) before renormalising
+STD_EPS = 1e-7  # logit standardization: (z - mean) / (std + STD_EPS), as Sun et al.
+
+__all__ = ["topk_kd_loss", "dense_kd_loss", "chunked_exact_kd_loss", "FeatureProjector", "feature_loss",
+           "KD_KINDS", "FEATURE_KINDS", "PROJECTOR_KINDS", "REDUCTIONS"]
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _fp32(device: torch.device):
+    """Context that switches autocast off so the loss math really runs in float32."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
+def _check_kd_args(kind: str, beta: float, temperature: float, reduction: str) -> None:
+    if kind not in KD_KINDS:
+        raise ValueError(f"kind must be one of {KD_KINDS}, got {kind!r}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _standardize(z: torch.Tensor) -> torch.Tensor:
+    """Per-row z-score over the last dim (Bessel-corrected std, + STD_EPS), Sun et al. 2024."""
+    mean = z.mean(dim=-1, keepdim=True)
+    std = z.std(dim=-1, keepdim=True)
+    return (z - mean) / (std + STD_EPS)
+
+
+def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row from normalised log-probs; 0 * log 0 = 0 with finite gradients."""
+    a = log_a.exp()
+    pos = a > 0
+    zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
+    la = torch.where(pos, log_a, zero)
+    lb = torch.where(pos, log_b, zero)
+    return (a * (la - lb)).sum(dim=-1)
+
+
+def _divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """Per-row divergence between teacher ``log_p`` and student ``log_q`` (normalised, last dim)."""
+    beta = float(beta)
+    if kind == "fkl" or (kind == "jsd" and beta == 0.0):
+        return _kl_rows(log_p, log_q)
+    if kind == "rkl" or (kind == "jsd" and beta == 1.0):
+        return _kl_rows(log_q, log_p)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+    return beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
+
+
+def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() * 0.0 if rows.numel() == 0 else rows.mean()
+
+
+def _dense_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, beta: float,
+                temperature: float, standardize: bool) -> torch.Tensor:
+    zs = student_logits.float()
+    zt = teacher_logits.detach().float()
+    if standardize:
+        zs, zt = _standardize(zs), _standardize(zt)
+    t = float(temperature)
+    log_q = F.log_softmax(zs / t, dim=-1)
+    log_p = F.log_softmax(zt / t, dim=-1)
+    return _divergence_rows(log_p, log_q, kind, beta) * (t * t)
+
+
+# ------------------------------------------------------------------------------ top-k + tail
+def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
+                 kind: str = "fkl", beta: float = 0.5, temperature: float = 1.0, standardize: bool = False,
+                 teacher_logit_std: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
+    """KD on the teacher's cached top-k log-probs plus one tail bucket (see the module docstring).
+
+    ``student_logits [N, V]``, ``topk_ids [N, k]`` (distinct per row), ``topk_logprobs [N, k]``
+    (raw teacher log-probs at T = 1). Exact coarsened divergence at ``T = 1`` without
+    standardization; at ``T != 1`` or with ``standardize=True`` (which needs
+    ``teacher_logit_std [N]``) the teacher's ``k + 1`` buckets are re-tempered as
+    ``p ** (1 / T_eff)`` renormalised, ``T_eff = T`` or ``(std + 1e-7) * T``: an approximation,
+    because the teacher's tail is a single bucket. Multiplied by ``T**2``. Returns a float32 scalar
+    (``"mean"``/``"sum"``) or ``[N]`` (``"none"``).
+    """
+    _check_kd_args(kind, beta, temperature, reduction)
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got shape {tuple(student_logits.shape)}")
+    n, v = student_logits.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != n or tuple(topk_logprobs.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} "
+                         f"must both be [N={n}, k]")
+    if topk_ids.shape[1] > v:
+        raise ValueError(f"k={topk_ids.shape[1]} exceeds the vocabulary size V={v}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if standardize:
+        if teacher_logit_std is None:
+            raise ValueError("standardize=True on the top-k path needs teacher_logit_std (logit_stats[:, 1])")
+        if teacher_logit_std.numel() != n:
+            raise ValueError(f"teacher_logit_std must have N={n} values, got shape {tuple(teacher_logit_std.shape)}")
+    t = float(temperature)
+    with _fp32(student_logits.device):
+        # student: (standardize,) temper over the full vocabulary, then coarsen to k + 1 buckets
+        z = student_logits.float()
+        if standardize:
+            z = _standardize(z)
+        log_q_full = F.log_softmax(z / t, dim=-1)
+        ids = topk_ids.long()
+        log_q_top = log_q_full.gather(-1, ids)
+        in_topk = torch.zeros_like(log_q_full, dtype=torch.bool).scatter_(-1, ids, True)
+        # finfo.min, not -inf: an all-masked row (k == V) stays finite in value and in gradient
+        log_q_tail = torch.logsumexp(log_q_full.masked_fill(in_topk, torch.finfo(log_q_full.dtype).min),
+                                     dim=-1, keepdim=True)
+        log_q_tail = torch.logaddexp(log_q_tail, torch.full_like(log_q_tail, math.log(TAIL_EPS)))
+        log_q = F.log_softmax(torch.cat([log_q_top, log_q_tail], dim=-1), dim=-1)
+
+        # teacher: k buckets + tail = 1 - sum(exp(logprobs)), computed as -expm1(logsumexp(.))
+        lp_top = topk_logprobs.detach().float()
+        log_top_mass = torch.logsumexp(lp_top, dim=-1, keepdim=True).clamp(max=0.0)
+        tail = -torch.expm1(log_top_mass)  # >= 0 after the clamp; log(0) = -inf is fine here
+        log_p = torch.cat([lp_top, torch.log(tail)], dim=-1)
+        if standardize:
+            log_p = log_p / ((teacher_logit_std.detach().float().reshape(n, 1).to(log_p.device) + STD_EPS) * t)
+        elif t != 1.0:
+            log_p = log_p / t
+        log_p = F.log_softmax(log_p, dim=-1)
+        # the eps guard goes in after tempering, so tempering never inflates it into real mass
+        log_p_tail = torch.logaddexp(log_p[:, -1:], torch.full_like(log_p[:, -1:], math.log(TAIL_EPS)))
+        log_p = F.log_softmax(torch.cat([log_p[:, :-1], log_p_tail], dim=-1), dim=-1)
+
+        rows = _divergence_rows(log_p, log_q, kind, beta) * (t * t)
+        return _reduce(rows, reduction)
+
+
+# ------------------------------------------------------------------------------ full vocab
+def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, kind: str = "fkl",
+                  beta: float = 0.5, temperature: float = 1.0, standardize: bool = False,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Exact full-vocabulary KD between ``student_logits [N, V]`` and ``teacher_logits [N, V]``.
+
+    Both rows are (optionally z-scored, then) divided by ``T``; the divergence is multiplied by
+    ``T**2``. Returns a float32 scalar (``"mean"``/``"sum"``) or ``[N]`` (``"none"``).
+    """
+    _check_kd_args(kind, beta, temperature, reduction)
+    if student_logits.dim() != 2 or tuple(student_logits.shape) != tuple(teacher_logits.shape):
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must both be [N, V]")
+    with _fp32(student_logits.device):
+        return _reduce(_dense_rows(student_logits, teacher_logits, kind, beta, temperature, standardize), reduction)
+
+
+def _chunk_rows(student_hidden: torch.Tensor, student_head_weight: torch.Tensor,
+                student_head_bias: Optional[torch.Tensor], teacher_hidden: torch.Tensor,
+                teacher_head_weight: torch.Tensor, teacher_head_bias: Optional[torch.Tensor], *,
+                kind: str, beta: float, temperature: float, standardize: bool) -> torch.Tensor:
+    """Per-row loss of one chunk: both models' ``[chunk, V]`` logits live only in here."""
+    with _fp32(student_hidden.device):
+        zs = F.linear(student_hidden.float(), student_head_weight.float(),
+                      None if student_head_bias is None else student_head_bias.float())
+        with torch.no_grad():
+            zt = F.linear(teacher_hidden.float(), teacher_head_weight.float(),
+                          None if teacher_head_bias is None else teacher_head_bias.float())
+        return _dense_rows(zs, zt, kind, beta, temperature, standardize)
+
+
+def chunked_exact_kd_loss(student_hidden: torch.Tensor, student_head_weight: torch.Tensor,
+                          teacher_hidden: torch.Tensor, teacher_head_weight: torch.Tensor, *,
+                          teacher_head_bias: Optional[torch.Tensor] = None,
+                          student_head_bias: Optional[torch.Tensor] = None, kind: str = "fkl",
+                          beta: float = 0.5, temperature: float = 1.0, standardize: bool = False,
+                          chunk_size: int = 1024, reduction: str = "mean") -> torch.Tensor:
+    """Exact full-vocabulary KD with logits recomputed ``chunk_size`` rows at a time.
+
+    Student logits = ``student_hidden [N, Hs] @ student_head_weight [V, Hs].T (+ bias)``, teacher
+    logits = ``teacher_hidden [N, Ht] @ teacher_head_weight [V, Ht].T (+ bias)``; each chunk is
+    checkpointed (``use_reentrant=False``) so no ``[N, V]`` tensor is ever materialised, in forward
+    or backward. Gradients flow to ``student_hidden``, ``student_head_weight`` and
+    ``student_head_bias``; the teacher side is detached. Equal in value and gradients to
+    ``dense_kd_loss`` on the unchunked logits.
+    """
+    _check_kd_args(kind, beta, temperature, reduction)
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    if student_hidden.dim() != 2 or student_head_weight.dim() != 2 or student_hidden.shape[1] != student_head_weight.shape[1]:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} must be [N, Hs] and "
+                         f"student_head_weight {tuple(student_head_weight.shape)} [V, Hs]")
+    if teacher_hidden.dim() != 2 or teacher_head_weight.dim() != 2 or teacher_hidden.shape[1] != teacher_head_weight.shape[1]:
+        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must be [N, Ht] and "
+                         f"teacher_head_weight {tuple(teacher_head_weight.shape)} [V, Ht]")
+    n, v = student_hidden.shape[0], student_head_weight.shape[0]
+    if teacher_hidden.shape[0] != n:
+        raise ValueError(f"student_hidden has {n} rows but teacher_hidden has {teacher_hidden.shape[0]}")
+    if teacher_head_weight.shape[0] != v:
+        raise ValueError(f"vocabulary mismatch: student head V={v}, teacher head V={teacher_head_weight.shape[0]}")
+    for name, b in (("student_head_bias", student_head_bias), ("teacher_head_bias", teacher_head_bias)):
+        if b is not None and tuple(b.shape) != (v,):
+            raise ValueError(f"{name} must be [V={v}], got {tuple(b.shape)}")
+
+    fn = functools.partial(_chunk_rows, kind=kind, beta=float(beta), temperature=float(temperature),
+                           standardize=bool(standardize))
+    t_w = teacher_head_weight.detach()
+    t_b = None if teacher_head_bias is None else teacher_head_bias.detach()
+    chunk = int(chunk_size)
+    rows = []
+    for start in range(0, n, chunk):
+        args = (student_hidden[start:start + chunk], student_head_weight, student_head_bias,
+                teacher_hidden[start:start + chunk].detach(), t_w, t_b)
+        if torch.is_grad_enabled():
+            rows.append(checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            rows.append(fn(*args))
+    if rows:
+        out = torch.cat(rows)
+    else:  # N == 0: an empty, graph-attached result
+        out = student_hidden.float().sum(dim=-1) * 0.0
+    return _reduce(out, reduction)
+
+
+# ----------------------------------------------------------------------------------- features
+class FeatureProjector(nn.Module):
+    """Student hidden ``[N, in_dim]`` -> teacher width ``[N, out_dim]``; trained, not saved with the student.
+
+    ``kind="mlp"``: Linear(in, out) - GELU - Linear(out, out) (the study's); ``kind="linear"``:
+    Linear(in, out). The input is cast to the projector's parameter dtype.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp"):
+        super().__init__()
+        if kind not in PROJECTOR_KINDS:
+            raise ValueError(f"kind must be one of {PROJECTOR_KINDS}, got {kind!r}")
+        self.in_dim, self.out_dim, self.kind = int(in_dim), int(out_dim), kind
+        if kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        else:
+            self.net = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.parameters()).dtype
+        return self.net(x.to(dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, kind={self.kind!r}"
+
+
+def feature_loss(projected: torch.Tensor, teacher_hidden: torch.Tensor, kind: str = "mse",
+                 reduction: str = "mean") -> torch.Tensor:
+    """Feature distillation between ``projected [N, H]`` and the teacher's ``hidden [N, H]``.
+
+    ``"mse"``: per row the mean over ``H`` of ``(projected - teacher)**2`` (``"mean"`` = mean over
+    all ``N * H`` elements); ``"cosine"``: per row ``1 - cos_sim`` (eps 1e-8). Float32; the teacher
+    is detached. Returns a scalar or ``[N]`` (``"none"``).
+    """
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"kind must be one of {FEATURE_KINDS}, got {kind!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if projected.dim() != 2 or tuple(projected.shape) != tuple(teacher_hidden.shape):
+        raise ValueError(f"projected {tuple(projected.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} "
+                         f"must both be [N, H]")
+    with _fp32(projected.device):
+        p = projected.float()
+        t = teacher_hidden.detach().float()
+        if kind == "mse":
+            rows = (p - t).pow(2).mean(dim=-1)
+        else:
+            rows = 1.0 - F.cosine_similarity(p, t, dim=-1, eps=1e-8)
+        return _reduce(rows, reduction)
