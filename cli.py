@@ -104,6 +104,34 @@ def regenerate(run: Path = RunArg, overrides: Optional[List[str]] = OverridesArg
     _stage_command(STAGE, run, config, flags, overrides, force, dry_run)
 
 
+@app.command("cache-teacher")
+def cache_teacher(run: Path = RunArg, overrides: Optional[List[str]] = OverridesArg,
+                  teacher: Optional[str] = typer.Option(None, "--teacher", help="teacher model directory (teacher.model)"),
+                  engine: Optional[str] = typer.Option(None, "--engine", help="hf (default) or vllm"),
+                  verify: Optional[int] = typer.Option(None, "--verify", help="recompute N random cached samples and report max errors"),
+                  config: Optional[str] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
+                  ray_address: Optional[str] = RayAddrOpt, force: bool = ForceOpt, dry_run: bool = DryRunOpt) -> None:
+    """Teacher-forced pass: answer-token hidden states + top-k logprobs into RUN/cache_teacher/."""
+    from .stages.cache_teacher import STAGE
+
+    flags = _run_flags(executor, ray_address)
+    if teacher:
+        flags.append("teacher.model=" + json.dumps(os.path.abspath(teacher)))
+    if engine:
+        flags.append(f"cache_teacher.engine={engine}")
+    if verify is not None:
+        from .stages.cache_teacher import verify_cache
+
+        try:
+            cfg = resolve(run, config, flags, overrides)
+            report = verify_cache(run, cfg, verify)
+        except (ConfigError, StageError) as e:
+            _fail(str(e), 2)
+        typer.echo(json.dumps(report, indent=1))
+        return
+    _stage_command(STAGE, run, config, flags, overrides, force, dry_run)
+
+
 @app.command()
 def status(run: Path = RunArg, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Per stage: shards done/total, samples in/out/rejected (by reason)."""

@@ -146,11 +146,33 @@ class RegenerateConfig:
 
 
 @dataclass
+class CacheTeacherConfig:
+    """``llavadi cache-teacher``: teacher-forced pass over whole conversations → teacher cache."""
+
+    source: Literal["regenerate", "data"] = "regenerate"  # the study's regenerated-or-original ablation
+    engine: Literal["hf", "vllm"] = "hf"
+    top_k: int = 64
+    hidden_dtype: Literal["float16", "bfloat16", "int8"] = "float16"
+    logprob_dtype: Literal["float32", "float16"] = "float32"
+    store: Literal["zarr", "webdataset"] = "zarr"
+    batch_size: int = 8  # conversations per forward pass (sorted by length within a window)
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.top_k < 1:
+            p.append("cache_teacher.top_k must be >= 1")
+        if self.batch_size < 1:
+            p.append("cache_teacher.batch_size must be >= 1")
+        return p
+
+
+@dataclass
 class LlavadiConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     regenerate: RegenerateConfig = field(default_factory=RegenerateConfig)
+    cache_teacher: CacheTeacherConfig = field(default_factory=CacheTeacherConfig)
 
     def validate(self) -> list[str]:
         problems: list[str] = []

@@ -50,17 +50,29 @@ class StageReport:
     counts: dict = field(default_factory=lambda: {"in": 0, "out": 0, "rejected": {}})
 
 
-def upstream_fingerprint(stage: Stage, run_dir: Path) -> Optional[str]:
-    if stage.upstream is None:
+def stage_upstream(stage: Stage, cfg: LlavadiConfig) -> Optional[str]:
+    """The run-dir subdirectory a stage reads (config-dependent for cache-teacher's source)."""
+    fn = getattr(stage, "upstream_for", None)
+    return fn(cfg) if fn else stage.upstream
+
+
+def stage_ext(stage: Stage, cfg: LlavadiConfig) -> str:
+    fn = getattr(stage, "ext_for", None)
+    return fn(cfg) if fn else stage.ext
+
+
+def upstream_fingerprint(stage: Stage, run_dir: Path, cfg: LlavadiConfig) -> Optional[str]:
+    upstream = stage_upstream(stage, cfg)
+    if upstream is None:
         return None
-    up = StageDir(run_dir, stage.upstream)
+    up = StageDir(run_dir, upstream)
     m = up.read_manifest()
-    cmd = STAGE_COMMAND.get(stage.upstream, stage.upstream)
+    cmd = STAGE_COMMAND.get(upstream, upstream)
     if m is None:
         raise StageError(f"{stage.name} reads {up.path}, which does not exist yet: "
                          f"run `llavadi {cmd} {run_dir}` first")
     if not m.get("complete"):
-        raise StageError(f"{stage.name} needs every shard of {stage.upstream}/ done "
+        raise StageError(f"{stage.name} needs every shard of {upstream}/ done "
                          f"({len(up.done_indices())}/{m.get('shards_total', '?')} are): "
                          f"rerun `llavadi {cmd} {run_dir}` until it finishes")
     return m["fingerprint"]
@@ -85,14 +97,15 @@ def run_stage(stage: Stage, run_dir: Path | str, cfg: LlavadiConfig, *, force: b
     run_dir = Path(run_dir)
     problems = list(stage.preflight(cfg, run_dir))
     try:
-        up_fp = upstream_fingerprint(stage, run_dir)
+        up_fp = upstream_fingerprint(stage, run_dir, cfg)
     except StageError as e:
         problems.append(str(e))
     if problems:  # every stage-level problem at once, before any work or model load
         raise StageError(f"{stage.name}: cannot start:\n  " + "\n  ".join(problems))
     material = stage.material(cfg, run_dir)
     fp = fingerprint(material, up_fp)
-    sd = StageDir(run_dir, stage.dir_name, stage.ext)
+    sd = StageDir(run_dir, stage.dir_name, stage_ext(stage, cfg))
+    upstream = stage_upstream(stage, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     with StageLock(sd.lock_file, stage.name):
@@ -100,7 +113,7 @@ def run_stage(stage: Stage, run_dir: Path | str, cfg: LlavadiConfig, *, force: b
         if manifest is not None and manifest.get("fingerprint") != fp and not force:
             keys = changed_keys(manifest.get("material", {}), material)
             if manifest.get("upstream_fingerprint") != up_fp:
-                keys.append(f"(upstream stage {stage.upstream}/ was redone)")
+                keys.append(f"(upstream stage {upstream}/ was redone)")
             raise StageError(
                 f"{stage.name}: the config differs from the one {sd.path} was made with; changed: "
                 f"{', '.join(keys) or '(unknown)'}. Revert the change, use a new run directory, or pass "
@@ -116,7 +129,7 @@ def run_stage(stage: Stage, run_dir: Path | str, cfg: LlavadiConfig, *, force: b
         write_run_config(run_dir, cfg)
 
         ctx = StageContext(run_dir=run_dir, stage=sd, cfg=cfg, fingerprint=fp,
-                           upstream=StageDir(run_dir, stage.upstream) if stage.upstream else None)
+                           upstream=StageDir(run_dir, upstream) if upstream else None)
         report = StageReport(stage.name, fp)
         failed: list[ShardResult] = []
         bar = tqdm(desc=f"{stage.name}", unit="shard", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -147,7 +160,10 @@ def run_stage(stage: Stage, run_dir: Path | str, cfg: LlavadiConfig, *, force: b
         bar.close()
 
         manifest["shards_total"] = report.shards_total
-        manifest["complete"] = not failed and len(sd.done_indices()) >= report.shards_total
+        complete = not failed and len(sd.done_indices()) >= report.shards_total
+        if complete and hasattr(stage, "finalize"):
+            stage.finalize(ctx)  # stage-wide outputs (e.g. the cache's index.json); idempotent
+        manifest["complete"] = complete
         sd.write_manifest(manifest)
         if failed:
             raise StageFailed(stage.name, sorted(failed, key=lambda r: r.index))

@@ -194,3 +194,244 @@ class HFEngine:
 
 def make_engine(kind: str, teacher: TeacherConfig):
     return VLLMEngine(teacher) if kind == "vllm" else HFEngine(teacher)
+
+
+# ----------------------------------------------------------------------------- teacher forcing
+
+
+@dataclass
+class ForceRequest:
+    """One conversation for the teacher-forced pass.
+
+    ``input_ids``: the whole conversation, image placeholder already expanded ([L] ints);
+    ``positions``: indices whose next-token distribution is kept (answer token p ↔ p-1)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    image: Optional[object] = None
+    prompt: Optional[str] = None  # the rendered conversation text (the vLLM forcer tokenises it itself)
+
+
+@dataclass
+class ForceResult:
+    """Per kept position (n rows): ``hidden [n,H] float32`` final-layer post-norm state,
+    ``topk_ids [n,k] int64``, ``topk_logprobs [n,k] float32`` (raw, T=1),
+    ``logit_stats [n,2] float32`` (mean, std with Bessel's correction, of the full logit row)."""
+
+    hidden: object
+    topk_ids: object
+    topk_logprobs: object
+    logit_stats: object
+
+
+def image_seq_len(processor) -> int:
+    """Image tokens per ``<image>`` for this processor (measured on a dummy image, so it holds
+    for any vision tower / feature-selection strategy)."""
+    from PIL import Image
+
+    tok = processor.tokenizer
+    img_id = tok.convert_tokens_to_ids("<image>")
+    size = getattr(processor.image_processor, "crop_size", None) or {"height": 336, "width": 336}
+    im = Image.new("RGB", (int(size.get("width", 336)), int(size.get("height", 336))))
+    ids = processor(text=["<image>"], images=[im], return_tensors="np")["input_ids"][0]
+    return int((ids == img_id).sum())
+
+
+def topk_from_hidden(hidden, head_weight, k: int, head_bias=None):
+    """Teacher outputs at kept positions from final hidden states and the output head:
+    ``hidden [n,H]``, ``head_weight [V,H]`` → (topk_ids [n,k], topk_logprobs [n,k], stats [n,2]),
+    float32 math."""
+    import torch
+
+    logits = hidden.float() @ head_weight.float().T
+    if head_bias is not None:
+        logits = logits + head_bias.float()
+    lp = torch.log_softmax(logits, dim=-1)
+    top = lp.topk(k, dim=-1)
+    stats = torch.stack([logits.mean(-1), logits.std(-1)], dim=-1)
+    return top.indices, top.values, stats
+
+
+class HFTeacherForcer:
+    """Teacher-forced forward with transformers: right-padded batches (positions unaffected),
+    vision features merged by the model, the LM head applied only at kept positions."""
+
+    def __init__(self, teacher: TeacherConfig, top_k: int):
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        self.k = top_k
+        self.processor = load_processor(teacher.model)
+        self.tokenizer = self.processor.tokenizer
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = getattr(torch, resolve_dtype(teacher.dtype))
+        self.model = AutoModelForImageTextToText.from_pretrained(teacher.model, dtype=self.dtype).to(self.device).eval()
+        self.head = self.model.get_output_embeddings()
+        self.hidden_size = int(self.head.weight.shape[1])
+        self.image_seq_len = image_seq_len(self.processor)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
+
+    def forward_hidden(self, reqs: Sequence[ForceRequest]):
+        """Final post-norm hidden states ``[B, L, H]`` of a right-padded batch (the bare pass the
+        benchmark compares the stage against)."""
+        import torch
+
+        L = max(len(r.input_ids) for r in reqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(reqs), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(reqs), L), dtype=torch.long)
+        for b, r in enumerate(reqs):
+            ids[b, : len(r.input_ids)] = torch.tensor(r.input_ids)
+            mask[b, : len(r.input_ids)] = 1
+        images = [r.image for r in reqs if r.image is not None]
+        kw = {}
+        if images:
+            pv = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            kw["pixel_values"] = pv.to(self.device, self.dtype)
+        with torch.inference_mode():
+            out = self.model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
+        return out.last_hidden_state
+
+    def score(self, reqs: Sequence[ForceRequest]) -> list[ForceResult]:
+        import torch
+
+        h = self.forward_hidden(reqs)
+        res = []
+        with torch.inference_mode():
+            for b, r in enumerate(reqs):
+                hs = h[b, torch.tensor(r.positions, dtype=torch.long, device=h.device)]
+                ids, lps, stats = topk_from_hidden(hs, self.head.weight, self.k, getattr(self.head, "bias", None))
+                res.append(ForceResult(hs.float().cpu().numpy(), ids.cpu().numpy(), lps.cpu().numpy(),
+                                       stats.cpu().numpy()))
+        return res
+
+
+def output_head(model_dir: str | Path) -> dict:
+    """The teacher's output projection read straight from its safetensors (no model load):
+    ``{"weight": [V,H]}`` (+ ``"bias"``). Tied heads fall back to the input embeddings."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    idx = d / "model.safetensors.index.json"
+    files = sorted(set(_json.loads(idx.read_text())["weight_map"].values())) if idx.exists() else ["model.safetensors"]
+    found = {}
+    for suffix, name in (("lm_head.weight", "weight"), ("lm_head.bias", "bias")):
+        for f in files:
+            with safe_open(d / f, "pt") as sf:
+                key = next((k for k in sf.keys() if k.endswith(suffix)), None)
+                if key:
+                    found[name] = sf.get_tensor(key)
+                    break
+    if "weight" not in found:  # tied embeddings
+        for f in files:
+            with safe_open(d / f, "pt") as sf:
+                key = next((k for k in sf.keys() if k.endswith("embed_tokens.weight")), None)
+                if key:
+                    found["weight"] = sf.get_tensor(key)
+                    break
+    if "weight" not in found:
+        raise RuntimeError(f"no lm_head / embed_tokens weight found in {d}")
+    return found
+
+
+def make_forcer(kind: str, teacher: TeacherConfig, top_k: int):
+    if kind == "vllm":
+        return VLLMTeacherForcer(teacher, top_k)
+    return HFTeacherForcer(teacher, top_k)
+
+
+class VLLMTeacherForcer:
+    """Teacher-forced pass with vLLM: ``SamplingParams(max_tokens=1, prompt_logprobs=k)``
+    gives the raw top-k log-probs at every prompt position; a forward hook on the language
+    model's final norm (installed with ``llm.apply_model``) captures the post-norm hidden states
+    of the same pass. That needs the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+    and one request per call (so the captured rows are that prompt's, in order); prefix caching
+    is off so every position is computed. The logit mean/std come from the captured hidden
+    states and the output head (the same recomputation students do)."""
+
+    def __init__(self, teacher: TeacherConfig, top_k: int):
+        import torch
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        from vllm import LLM
+
+        self.k = top_k
+        self.processor = load_processor(teacher.model)
+        self.tokenizer = self.processor.tokenizer
+        self.image_seq_len = image_seq_len(self.processor)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        head = output_head(teacher.model)
+        self.head_w, self.head_b = head["weight"].float(), head.get("bias")
+        self.hidden_size = int(self.head_w.shape[1])
+        kw = dict(model=teacher.model, tokenizer=teacher.model, dtype=resolve_dtype(teacher.dtype),
+                  max_model_len=max_model_len(teacher), tensor_parallel_size=teacher.tensor_parallel_size, seed=0,
+                  enable_prefix_caching=False, limit_mm_per_prompt={"image": 1}, max_logprobs=max(20, top_k),
+                  logprobs_mode="raw_logprobs")
+        if torch.cuda.is_available():
+            kw["gpu_memory_utilization"] = teacher.gpu_memory_utilization
+        else:
+            kw["enforce_eager"] = True
+        self.llm = LLM(**kw)
+        self.llm.apply_model(_install_norm_hook)
+
+    def score(self, reqs: Sequence[ForceRequest]) -> list[ForceResult]:
+        import torch
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=self.k, detokenize=False)
+        res = []
+        for r in reqs:
+            if r.prompt is None:
+                raise ValueError("the vLLM teacher forcer needs the rendered prompt text")
+            p = {"prompt": r.prompt}
+            if r.image is not None:
+                p["multi_modal_data"] = {"image": r.image}
+            self.llm.apply_model(_reset_norm_hook)
+            out = self.llm.generate([p], params, use_tqdm=False)[0]
+            if list(out.prompt_token_ids) != list(r.input_ids):
+                raise RuntimeError("vLLM tokenised the conversation differently from the chat-template spans "
+                                   f"({len(out.prompt_token_ids)} vs {len(r.input_ids)} tokens)")
+            hidden = torch.cat(self.llm.apply_model(_take_norm_hook)[0], dim=0)[: len(r.input_ids)]
+            hs = hidden[torch.tensor(r.positions, dtype=torch.long)].float()
+            top_ids, top_lp = [], []
+            for pos in r.positions:
+                d = out.prompt_logprobs[pos + 1]  # entry p scores token p from the prefix [0, p)
+                best = sorted(((v.rank, tid, v.logprob) for tid, v in d.items() if v.rank <= self.k))[: self.k]
+                top_ids.append([t for _, t, _ in best])
+                top_lp.append([lp for _, _, lp in best])
+            _, _, stats = topk_from_hidden(hs, self.head_w, 1, self.head_b)
+            import numpy as np
+
+            res.append(ForceResult(hs.numpy(), np.asarray(top_ids, dtype=np.int64).reshape(-1, self.k),
+                                   np.asarray(top_lp, dtype=np.float32).reshape(-1, self.k), stats.numpy()))
+        return res
+
+
+def _final_norm(model):
+    lm = getattr(model, "language_model", model)
+    inner = getattr(lm, "model", lm)
+    return inner.norm
+
+
+def _install_norm_hook(model):
+    norm = _final_norm(model)
+    norm._llavadi_rows = []
+
+    def hook(mod, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        mod._llavadi_rows.append(h.detach().float().cpu())
+
+    norm.register_forward_hook(hook)
+    return True
+
+
+def _reset_norm_hook(model):
+    _final_norm(model)._llavadi_rows = []
+
+
+def _take_norm_hook(model):
+    return _final_norm(model)._llavadi_rows

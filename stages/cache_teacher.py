@@ -1,0 +1,238 @@
+"""``llavadi cache-teacher``: the teacher's work, cached once for any number of students.
+
+Teacher-forced forward over each whole conversation of ``regenerate/`` (default) or ``data/``
+(``cache_teacher.source``: the study's regenerated-or-original ablation). At every position that
+predicts an answer token (``schemas.conversation.tokenize_conversation``) it keeps the
+final-layer post-norm hidden state, the top-k token ids and raw log-probabilities (T = 1), the
+full-row logit mean/std, and the answer token id — the arrays of ``schemas.teacher_cache``.
+
+Outputs: ``cache_teacher/part-NNNNN.zarr`` (or ``.tar``) per input shard, ``index.json`` and
+``teacher_head.safetensors`` (the output projection: with it a student that shares the
+vocabulary recomputes the exact full-vocabulary teacher distribution from ``hidden``).
+
+Rejects: ``token_mismatch`` (template tokenisation is not prefix-stable at a turn boundary),
+``image_error``, ``too_long`` (conversation longer than the teacher's context).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..pipeline import atomic
+from ..pipeline.config import LlavadiConfig
+from ..pipeline.stage import ShardOutput, ShardTask, StageContext
+from ..pipeline.teacher_engines import ForceRequest, make_forcer, max_model_len, output_head
+from ..schemas.conversation import (answer_positions, template_hash, to_messages, tokenize_conversation,
+                                    tokenizer_hash)
+from ..schemas.samples import Reject, iter_samples
+from ..schemas.teacher_cache import CacheShardWriter, CacheSpec, write_index
+from .regenerate import load_image, teacher_identity, teacher_preflight
+
+HEAD_FILE = "teacher_head.safetensors"
+WINDOW_BATCHES = 8  # conversations are sorted by length within windows of 8 batches (less padding)
+
+
+def cache_spec(cfg: LlavadiConfig, hidden_size: int) -> CacheSpec:
+    c = cfg.cache_teacher
+    return CacheSpec(hidden_size=hidden_size, top_k=c.top_k, hidden_dtype=c.hidden_dtype,
+                     logprob_dtype=c.logprob_dtype, store=c.store)
+
+
+def teacher_hidden_size(model_dir: str) -> int:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    return int(getattr(cfg, "text_config", cfg).hidden_size)
+
+
+class CacheTeacherStage:
+    name = "cache-teacher"
+    dir_name = "cache_teacher"
+    ext = "zarr"
+    upstream = "regenerate"
+
+    def upstream_for(self, cfg: LlavadiConfig) -> str:
+        return cfg.cache_teacher.source
+
+    def ext_for(self, cfg: LlavadiConfig) -> str:
+        return "zarr" if cfg.cache_teacher.store == "zarr" else "tar"
+
+    def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
+        p = teacher_preflight(cfg)
+        if cfg.cache_teacher.engine == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                p.append("cache_teacher.engine=vllm but vLLM is not installed: run `make setup`, or use engine=hf")
+        return p
+
+    def material(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
+        c = asdict(cfg.cache_teacher)
+        c.pop("batch_size")  # batching does not change the cached values beyond float noise
+        return {"cache_teacher": c, "teacher_identity": teacher_identity(cfg), "teacher_dtype": cfg.teacher.dtype,
+                "image_root": cfg.ingest.image_root}
+
+    def resources(self, cfg: LlavadiConfig) -> dict:
+        t = cfg.teacher
+        return {"num_workers": t.num_actors, "num_cpus": t.cpus_per_actor, "num_gpus": t.gpus_per_actor}
+
+    def plan(self, ctx: StageContext, is_done: Callable[[int], bool]) -> Iterator[ShardTask | int]:
+        for i in ctx.upstream.done_indices():
+            yield i if is_done(i) else ShardTask(i, str(ctx.upstream.data_file(i)))
+
+    def setup(self, ctx: StageContext):
+        return make_forcer(ctx.cfg.cache_teacher.engine, ctx.cfg.teacher, ctx.cfg.cache_teacher.top_k)
+
+    def prepare(self, ctx: StageContext, forcer, row: dict, limit: int) -> tuple[ForceRequest, list[int]]:
+        """A sample row → (teacher-forcing request, answer token ids), or raise ``Reject``."""
+        ids, spans = tokenize_conversation(forcer.tokenizer, row["conversations"], forcer.image_token_id,
+                                           forcer.image_seq_len)
+        if len(ids) > limit:
+            raise Reject("too_long", f"{len(ids)} tokens > max_model_len={limit}")
+        image = None
+        if row["image"] is not None:
+            try:
+                image = load_image(ctx.cfg.ingest.image_root, row["image"])
+            except Exception as e:  # noqa: BLE001
+                raise Reject("image_error", f"{row['image']}: {type(e).__name__}: {e}") from None
+        pos = answer_positions(spans)
+        text = forcer.tokenizer.apply_chat_template(to_messages(row["conversations"]), tokenize=False)
+        return ForceRequest(ids, pos, image, text), [ids[p + 1] for p in pos]
+
+    def process(self, ctx: StageContext, forcer, task: ShardTask) -> ShardOutput:
+        c = ctx.cfg.cache_teacher
+        limit = max_model_len(ctx.cfg.teacher)
+        spec = cache_spec(ctx.cfg, forcer.hidden_size)
+        out = ctx.stage.data_file(task.index)
+        writer = CacheShardWriter(out, spec)
+        rejects, reasons = [], {}
+        n_in = 0
+        t_fwd = 0.0
+        t0 = time.time()
+        window: list[dict] = []
+
+        def flush(window):
+            nonlocal t_fwd
+            prepared = []
+            for row in window:
+                try:
+                    req, tok = self.prepare(ctx, forcer, row, limit)
+                    prepared.append((row, req, tok))
+                except Reject as r:
+                    reasons[r.reason] = reasons.get(r.reason, 0) + 1
+                    rejects.append({"id": row["id"], "source": row.get("source"), "reason": r.reason, "detail": r.detail})
+            order = sorted(range(len(prepared)), key=lambda j: (len(prepared[j][1].input_ids), j))
+            results: dict[int, object] = {}
+            for b in range(0, len(order), c.batch_size):
+                idx = order[b: b + c.batch_size]
+                t = time.time()
+                for j, r in zip(idx, forcer.score([prepared[j][1] for j in idx])):
+                    results[j] = r
+                t_fwd += time.time() - t
+            for j, (row, req, tok) in enumerate(prepared):  # input order
+                r = results[j]
+                writer.add(row["id"], tok, r.hidden, r.topk_ids, r.topk_logprobs, r.logit_stats)
+
+        try:
+            for row in iter_samples(task.payload):
+                n_in += 1
+                window.append(row)
+                if len(window) == c.batch_size * WINDOW_BATCHES:
+                    flush(window)
+                    window = []
+            if window:
+                flush(window)
+            info = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        atomic.write_jsonl(ctx.stage.rejects_file(task.index), rejects)
+        counts = {"in": n_in, "out": info["n_samples"], "rejected": dict(sorted(reasons.items())),
+                  "tokens": info["n_tokens"]}
+        secs = time.time() - t0
+        stats = {"bytes": info["bytes"], "bytes_per_token": round(info["bytes"] / max(1, info["n_tokens"]), 1),
+                 "forward_seconds": round(t_fwd, 3), "stage_seconds": round(secs, 3)}
+        return ShardOutput(out, counts, stats)
+
+    def cleanup(self, ctx: StageContext, task: ShardTask) -> None:
+        pass
+
+    def finalize(self, ctx: StageContext) -> None:
+        """``index.json`` (from the done markers) and ``teacher_head.safetensors``."""
+        from safetensors.torch import save_file
+        from transformers import AutoTokenizer
+
+        sd = ctx.stage
+        t = ctx.cfg.teacher
+        head = output_head(t.model)
+        head_path = sd.path / HEAD_FILE
+        tmp = atomic.tmp_name(head_path)
+        save_file({k: v.contiguous() for k, v in head.items()}, str(tmp),
+                  metadata={"logit_transform": "none", "format": "pt"})
+        atomic.commit(tmp, head_path)
+        tok = AutoTokenizer.from_pretrained(t.model)
+        V, H = head["weight"].shape
+        meta = {**cache_spec(ctx.cfg, int(H)).to_meta(), "vocab_size": int(V), "teacher": teacher_identity(ctx.cfg),
+                "tokenizer_sha256": tokenizer_hash(tok), "chat_template_sha256": template_hash(tok),
+                "source": ctx.cfg.cache_teacher.source, "engine": ctx.cfg.cache_teacher.engine,
+                "stage_fingerprint": ctx.fingerprint, "head_file": HEAD_FILE}
+        shards = []
+        for i in sd.done_indices():
+            d = sd.read_done(i)
+            shards.append({"shard": i, "file": d["data_file"], "n_samples": d["counts"]["out"],
+                           "n_tokens": d["counts"]["tokens"], "sha256": d["sha256"]})
+        write_index(sd.path, meta, shards)
+
+
+STAGE = CacheTeacherStage()
+
+
+def verify_cache(run_dir: Path | str, cfg: LlavadiConfig, n: int, seed: int = 0) -> dict:
+    """Recompute ``n`` random cached samples with the teacher (HF engine) and report the max
+    errors against the cache. Raises ``StageError`` when the cache is missing."""
+    import random
+
+    import numpy as np
+
+    from ..pipeline.runner import StageError
+    from ..pipeline.rundir import StageDir
+    from ..pipeline.teacher_engines import HFTeacherForcer
+    from ..schemas.teacher_cache import CacheReader
+
+    run_dir = Path(run_dir)
+    sd = StageDir(run_dir, STAGE.dir_name)
+    if not (sd.path / "index.json").exists():
+        raise StageError(f"no teacher cache in {sd.path}: run `llavadi cache-teacher {run_dir}` first")
+    reader = CacheReader(sd.path)
+    src = StageDir(run_dir, reader.meta.get("source", cfg.cache_teacher.source))
+    ids = [s["sample_id"] for s in reader]  # also verifies every shard's checksum
+    pick = set(random.Random(seed).sample(ids, min(n, len(ids))))
+    forcer = HFTeacherForcer(cfg.teacher, reader.spec.top_k)
+    limit = max_model_len(cfg.teacher)
+    ctx = StageContext(run_dir=run_dir, stage=sd, cfg=cfg, fingerprint="")
+    rows = {}
+    for i in src.done_indices():
+        for row in iter_samples(src.data_file(i)):
+            if row["id"] in pick:
+                rows[row["id"]] = row
+    err = {"hidden_max_abs": 0.0, "topk_logprobs_max_abs": 0.0, "logit_stats_max_abs": 0.0,
+           "topk_id_agreement": 1.0, "token_ids_equal": True}
+    agree = []
+    for s in CacheReader(sd.path, verify=False):
+        if s["sample_id"] not in pick:
+            continue
+        req, tok = STAGE.prepare(ctx, forcer, rows[s["sample_id"]], limit)
+        r = forcer.score([req])[0]
+        err["token_ids_equal"] &= list(tok) == s["token_ids"].tolist()
+        if len(tok) == 0:
+            continue
+        err["hidden_max_abs"] = max(err["hidden_max_abs"], float(np.abs(r.hidden - s["hidden"]).max()))
+        err["topk_logprobs_max_abs"] = max(err["topk_logprobs_max_abs"], float(np.abs(r.topk_logprobs - s["topk_logprobs"]).max()))
+        err["logit_stats_max_abs"] = max(err["logit_stats_max_abs"], float(np.abs(r.logit_stats - s["logit_stats"]).max()))
+        agree.append(float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(r.topk_ids.tolist(), s["topk_ids"].tolist())])))
+    err["topk_id_agreement"] = min(agree) if agree else 1.0
+    return {"samples_checked": len(pick), "hidden_dtype": reader.spec.hidden_dtype,
+            "logprob_dtype": reader.spec.logprob_dtype, **err}
