@@ -132,6 +132,33 @@ def cache_teacher(run: Path = RunArg, overrides: Optional[List[str]] = Overrides
     _stage_command(STAGE, run, config, flags, overrides, force, dry_run)
 
 
+@app.command("train-student")
+def train_student(run: Path = RunArg, overrides: Optional[List[str]] = OverridesArg,
+                  student: Optional[str] = typer.Option(None, "--student", help="initial student model directory"),
+                  config: Optional[str] = ConfigOpt, force: bool = ForceOpt, dry_run: bool = DryRunOpt) -> None:
+    """Train the student from the teacher cache (CE + KD + feature loss); resumes exactly.
+    Multi-process: `torchrun --nproc-per-node N -m llavadi.cli train-student RUN`."""
+    flags = []
+    if student:
+        flags.append("train_student.student=" + json.dumps(os.path.abspath(student)))
+    try:
+        cfg = resolve(run, config, flags, overrides)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    if dry_run:
+        typer.echo(dump_yaml(cfg), nl=False)
+        return
+    from .stages.train_student.loop import train
+
+    try:
+        res = train(run, cfg, force=force, progress=sys.stderr.isatty() or bool(os.environ.get("LLAVADI_PROGRESS")))
+    except (StageError, LockedError) as e:
+        _fail(str(e), 2)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"train-student: {res['steps']} steps; final checkpoint {res['final_checkpoint']}; "
+                   f"samples used {res['scan']['valid']}, rejected {sum(res['scan']['rejected'].values())}")
+
+
 @app.command()
 def status(run: Path = RunArg, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Per stage: shards done/total, samples in/out/rejected (by reason)."""

@@ -167,12 +167,91 @@ class CacheTeacherConfig:
 
 
 @dataclass
+class KDConfig:
+    kind: Literal["fkl", "rkl", "jsd"] = "fkl"  # forward KL (the study's), reverse KL, generalized JSD
+    beta: float = 0.5  # JSD mixture weight (TRL convention: 0 → forward KL, 1 → reverse KL)
+    temperature: float = 1.0  # the loss is multiplied by T² (Hinton)
+    exact: bool = False  # full vocabulary from cached hidden + teacher head (chunked), not top-k + tail
+    standardize: bool = False  # logit standardization (Sun et al. 2024)
+    chunk_size: int = 1024  # answer tokens per chunk on the exact path
+
+    def validate(self) -> list[str]:
+        p = []
+        if not 0 <= self.beta <= 1:
+            p.append("train_student.kd.beta must be in [0, 1]")
+        if self.temperature <= 0:
+            p.append("train_student.kd.temperature must be > 0")
+        if self.chunk_size < 1:
+            p.append("train_student.kd.chunk_size must be >= 1")
+        return p
+
+
+@dataclass
+class FeatureConfig:
+    kind: Literal["mse", "cosine"] = "mse"
+    projector: Literal["mlp", "linear"] = "mlp"  # mlp = Linear-GELU-Linear (the study's)
+
+    def validate(self) -> list[str]:
+        return []
+
+
+@dataclass
+class TrainStudentConfig:
+    """``llavadi train-student``. Defaults = the study's final recipe (preset ``llavadi``):
+    CE + forward KL + MSE, weights 1, T = 1, lr 2e-5 cosine, warmup 3%, 1 epoch, vision frozen."""
+
+    student: Optional[str] = None  # save_pretrained directory of the initial student (with processor)
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0
+    feature_weight: float = 1.0
+    kd: KDConfig = field(default_factory=KDConfig)
+    feature: FeatureConfig = field(default_factory=FeatureConfig)
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    epochs: int = 1
+    max_steps: int = 0  # 0: epochs × steps per epoch
+    batch_size: int = 8  # samples per optimizer step, all ranks together (the global batch)
+    micro_batch_size: int = 8  # samples per forward on one rank (accumulation fills the global batch)
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    freeze_vision: bool = True
+    freeze_projector: bool = False
+    freeze_lm: bool = False
+    precision: Literal["auto", "float32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, float32 on CPU
+    seed: int = 0
+    shuffle_buffer: int = 1000  # samples; the buffer spans shards
+    num_workers: int = 0  # DataLoader worker processes per rank
+    save_every_steps: int = 100
+    keep_checkpoints: int = 2
+    log_every_steps: int = 1
+    log_sample_ids: bool = False  # each rank logs the ids of its samples per step (audit of DDP sharding)
+
+    def validate(self) -> list[str]:
+        p = self.kd.validate()
+        if self.lr <= 0:
+            p.append("train_student.lr must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            p.append("train_student.warmup_ratio must be in [0, 1)")
+        if self.epochs < 1 or self.max_steps < 0:
+            p.append("train_student.epochs must be >= 1 and max_steps >= 0")
+        if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size or self.batch_size % self.micro_batch_size:
+            p.append("train_student.batch_size must be a multiple of micro_batch_size (>= 1)")
+        if min(self.ce_weight, self.kd_weight, self.feature_weight) < 0:
+            p.append("train_student loss weights must be >= 0")
+        if self.shuffle_buffer < 1 or self.num_workers < 0 or self.save_every_steps < 1 or self.keep_checkpoints < 1:
+            p.append("train_student: shuffle_buffer, save_every_steps, keep_checkpoints must be >= 1, num_workers >= 0")
+        return p
+
+
+@dataclass
 class LlavadiConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     regenerate: RegenerateConfig = field(default_factory=RegenerateConfig)
     cache_teacher: CacheTeacherConfig = field(default_factory=CacheTeacherConfig)
+    train_student: TrainStudentConfig = field(default_factory=TrainStudentConfig)
 
     def validate(self) -> list[str]:
         problems: list[str] = []
@@ -226,6 +305,11 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: expected a number, got {value!r}")
             return value

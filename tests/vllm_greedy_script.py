@@ -1,5 +1,5 @@
 """Run in a subprocess by test_tiny_models (vLLM's CPU backend pins threads of the process that
-loads it, so it stays out of the pytest process): greedy-generate with vLLM and print the
+loads it, so it stays out of the pytest process): greedy-generate with vLLM (EOS suppressed for max_tokens, like HF min_new_tokens) and print the
 token ids as JSON."""
 import json
 import os
@@ -20,5 +20,5 @@ for it in items:
     if it.get("image"):
         r["multi_modal_data"] = {"image": Image.open(it["image"]).convert("RGB")}
     reqs.append(r)
-outs = llm.generate(reqs, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)
+outs = llm.generate(reqs, SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0), use_tqdm=False)
 print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))

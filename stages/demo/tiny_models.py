@@ -13,9 +13,10 @@ and transformers still loads (shared/cpu-environment.md).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ...pipeline.checkpoints import rename_for_vllm
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -55,6 +56,10 @@ class TinySpec:
 
 TEACHER = TinySpec(hidden=256, layers=4, heads=4, intermediate=512, vision_hidden=128, vision_layers=2, vision_heads=2)
 STUDENT = TinySpec()
+# ≈135M parameters (LM hidden 768, 12 layers, head_dim 64 + 2×32064×768 embeddings/head): big enough
+# that the forward pass dominates, as with real teachers — for benchmarks
+MIDSIZE = TinySpec(hidden=768, layers=12, heads=12, intermediate=3072, vision_hidden=128, vision_layers=2,
+                   vision_heads=2, max_positions=2048)
 
 
 def llama2_tokenizer_file() -> Path:
@@ -113,24 +118,6 @@ def build_processor(spec: TinySpec, tokenizer=None):
     return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=spec.patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=VICUNA_V1_TEMPLATE)
-
-
-def rename_for_vllm(model_dir: Path) -> None:
-    """transformers 5 writes ``vision_tower.embeddings.*``; vLLM wants
-    ``vision_tower.vision_model.*``. Renaming keeps the file loadable by both."""
-    from safetensors.torch import load_file, save_file
-
-    path = Path(model_dir) / "model.safetensors"
-    sd = load_file(path)
-    out = {}
-    for k, v in sd.items():
-        i = k.find("vision_tower.")
-        if i >= 0 and ".vision_model." not in k:
-            j = i + len("vision_tower.")
-            k = k[:j] + "vision_model." + k[j:]
-        out[k] = v.contiguous()
-    save_file(out, path, metadata={"format": "pt"})
-    os.chmod(path, 0o644)  # save_pretrained writes 0600; Ray workers / other users must read it
 
 
 def build_tiny_llava(out_dir: Path | str, spec: TinySpec = STUDENT, *, seed: int | None = None) -> Path:

@@ -1,0 +1,172 @@
+"""Streaming training data: teacher-cache shards joined with their sample shards.
+
+Order of work (every rank runs the same stream, so batches are identical whatever the world
+size — the DDP test relies on it):
+
+1. ``CacheReader`` streams cache shard i; sample shard i of the cache's source stage is read as
+   a dict id → row (one shard at a time: memory is bounded by the shard size).
+2. Each sample is tokenised with the *student's* chat template and image expansion; its answer
+   token ids must equal the cache's ``token_ids`` — otherwise it is rejected (``token_mismatch``)
+   and counted. Valid samples flow through a seeded shuffle buffer spanning shards.
+3. The shuffled stream is cut into global batches of ``batch_size`` (the last partial one is
+   dropped, so every rank always has a full share). Rank r takes the r-th slice of each global
+   batch, split into ``micro_batch_size`` micro-batches: one *step*.
+4. With DataLoader workers, worker w builds the steps whose index ≡ w (mod W); the DataLoader
+   returns them round-robin, i.e. in step order. Images are loaded and tensors built only
+   here, only for this rank's samples, only for steps not skipped on resume.
+
+A micro-batch (``collate``) holds, for B conversations right-padded to L tokens and N answer
+tokens in total: ``input_ids [B,L] int64``, ``attention_mask [B,L]``, ``pixel_values
+[n_img,3,h,w]`` or None, ``rows [N] int64`` (flat index b·L + position predicting the token),
+``targets [N] int64``, ``t_hidden [N,Ht] float32``, ``t_topk_ids [N,k] int64``,
+``t_topk_logprobs [N,k] float32``, ``t_logit_std [N] float32``, ``sample_ids``.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ...pipeline.rundir import StageDir
+from ...schemas.conversation import answer_positions, tokenize_conversation
+from ...schemas.samples import Reject, iter_samples
+from ...schemas.teacher_cache import CacheReader
+
+
+@dataclass
+class StudentTokens:
+    """What the loader needs from the student's processor (picklable, for worker processes)."""
+
+    model_dir: str
+    image_token_id: int
+    image_seq_len: int
+    pad_token_id: int
+
+
+def student_tokens(processor, model_dir: str) -> StudentTokens:
+    from ...pipeline.teacher_engines import image_seq_len
+
+    tok = processor.tokenizer
+    return StudentTokens(model_dir, tok.convert_tokens_to_ids("<image>"), image_seq_len(processor), tok.pad_token_id)
+
+
+def stream_samples(run_dir: Path, tokenizer, st: StudentTokens, rejects: Optional[list] = None) -> Iterator[dict]:
+    """Valid training samples in cache order: ``{"id", "row", "ids", "positions", "cache"}``."""
+    cache_dir = Path(run_dir) / "cache_teacher"
+    reader = CacheReader(cache_dir)
+    src = StageDir(Path(run_dir), reader.meta.get("source", "regenerate"))
+    for entry in reader.shards:
+        rows = {r["id"]: r for r in iter_samples(src.data_file(entry["shard"]))}
+        for s in reader.iter_shard(entry):
+            row = rows.get(s["sample_id"])
+            try:
+                if row is None:
+                    raise Reject("missing_sample", f"{s['sample_id']} is not in {src.data_file(entry['shard']).name}")
+                ids, spans = tokenize_conversation(tokenizer, row["conversations"], st.image_token_id, st.image_seq_len)
+                pos = answer_positions(spans)
+                mine = [ids[p + 1] for p in pos]
+                if mine != s["token_ids"].tolist():
+                    raise Reject("token_mismatch", f"student answer ids differ from the cache's "
+                                                   f"({len(mine)} vs {len(s['token_ids'])} tokens)")
+            except Reject as r:
+                if rejects is not None:
+                    rejects.append({"id": s["sample_id"], "reason": r.reason, "detail": r.detail})
+                continue
+            yield {"id": s["sample_id"], "row": row, "ids": ids, "positions": pos, "cache": s}
+
+
+def shuffled(items: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
+    """Seeded shuffle buffer (spans shard boundaries)."""
+    rng = random.Random(seed)
+    buf: list[dict] = []
+    for it in items:
+        if len(buf) < buffer:
+            buf.append(it)
+            continue
+        j = rng.randrange(buffer)
+        out, buf[j] = buf[j], it
+        yield out
+    rng.shuffle(buf)
+    yield from buf
+
+
+class StepDataset(IterableDataset):
+    """Yields this rank's training steps of one epoch: ``list`` of micro-batches (dicts above)."""
+
+    def __init__(self, run_dir: Path, st: StudentTokens, image_root: Optional[str], *, batch_size: int,
+                 micro_batch_size: int, rank: int, world: int, seed: int, epoch: int, shuffle_buffer: int,
+                 start_step: int = 0, max_steps: int = 0):
+        if batch_size % (world * micro_batch_size):
+            raise ValueError(f"train_student.batch_size={batch_size} must be a multiple of "
+                             f"micro_batch_size × world size = {micro_batch_size} × {world}")
+        self.run_dir, self.st, self.image_root = Path(run_dir), st, image_root
+        self.G, self.mb, self.rank, self.world = batch_size, micro_batch_size, rank, world
+        self.seed, self.epoch, self.buffer = seed, epoch, shuffle_buffer
+        self.start_step, self.max_steps = start_step, max_steps
+        self._tok = self._proc = None
+
+    def _processor(self):
+        if self._proc is None:
+            from transformers import AutoProcessor
+
+            self._proc = AutoProcessor.from_pretrained(self.st.model_dir)
+            self._tok = self._proc.tokenizer
+        return self._proc
+
+    def global_batches(self, rejects: Optional[list] = None) -> Iterator[list[dict]]:
+        self._processor()
+        stream = shuffled(stream_samples(self.run_dir, self._tok, self.st, rejects), self.buffer,
+                          self.seed * 1_000_003 + self.epoch)
+        batch: list[dict] = []
+        for it in stream:
+            batch.append(it)
+            if len(batch) == self.G:
+                yield batch
+                batch = []
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        share = self.G // self.world
+        for step, gb in enumerate(self.global_batches()):
+            if self.max_steps and step >= self.max_steps:
+                break
+            if step < self.start_step or step % nw != wid:
+                continue
+            mine = gb[self.rank * share: (self.rank + 1) * share]
+            yield {"step": step, "micro_batches": [self.collate(mine[i: i + self.mb]) for i in range(0, share, self.mb)]}
+
+    def collate(self, items: list[dict]) -> dict:
+        from PIL import Image
+
+        proc = self._processor()
+        L = max(len(it["ids"]) for it in items)
+        B = len(items)
+        input_ids = torch.full((B, L), self.st.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        rows, images = [], []
+        for b, it in enumerate(items):
+            n = len(it["ids"])
+            input_ids[b, :n] = torch.tensor(it["ids"])
+            mask[b, :n] = 1
+            rows += [b * L + p for p in it["positions"]]
+            if it["row"]["image"] is not None:
+                with Image.open(Path(self.image_root or "") / it["row"]["image"]) as im:
+                    images.append(im.convert("RGB"))
+        pv = proc.image_processor(images=images, return_tensors="pt")["pixel_values"] if images else None
+        cat = lambda key: np.concatenate([it["cache"][key] for it in items], 0)  # noqa: E731
+        return {
+            "input_ids": input_ids, "attention_mask": mask, "pixel_values": pv,
+            "rows": torch.tensor(rows, dtype=torch.long),
+            "targets": torch.from_numpy(cat("token_ids").astype(np.int64)),
+            "t_hidden": torch.from_numpy(cat("hidden")),
+            "t_topk_ids": torch.from_numpy(cat("topk_ids").astype(np.int64)),
+            "t_topk_logprobs": torch.from_numpy(cat("topk_logprobs")),
+            "t_logit_std": torch.from_numpy(cat("logit_stats")[:, 1].copy()),
+            "sample_ids": [it["id"] for it in items],
+        }

@@ -1,0 +1,440 @@
+"""The training loop of ``llavadi train-student`` (design §6). Never loads the teacher:
+targets come from the cache. Imports ``schemas`` and ``pipeline`` only (no vLLM, no Ray).
+
+Loss on the answer tokens of a global batch (sums over all its tokens, divided by the global
+answer-token count, so DDP ranks with different token counts still produce exactly the
+single-process gradient):
+
+    ce_weight · CE  +  kd_weight · KD  +  feature_weight · FEAT
+
+The student computes logits only at answer positions: ``lm_head(h[rows])``.
+
+Run dir: ``train_student/checkpoints/step_NNNNNN/`` (``save_pretrained`` student + processor,
+``trainer_state.json``, ``training_state.pt`` with optimizer, scheduler, projector, RNG),
+``metrics.jsonl``, ``tensorboard/``, ``rejects.jsonl``, ``_stage.json``, ``_lock.json``.
+The same command resumes from the newest checkpoint exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ...pipeline import atomic
+from ...pipeline.checkpoints import rename_for_vllm
+from ...pipeline.config import LlavadiConfig, changed_keys, fingerprint
+from ...pipeline.locks import StageLock
+from ...pipeline.rundir import StageDir
+from ...pipeline.runner import StageError, write_run_config
+from ...schemas.conversation import tokenizer_hash
+from ...schemas.teacher_cache import CacheReader
+from . import losses
+from .data import StepDataset, stream_samples, student_tokens
+
+STAGE_DIR = "train_student"
+
+
+class Projector(torch.nn.Module):
+    """Student hidden → teacher hidden (trained, checkpointed for resume, never saved with the
+    student)."""
+
+    def __init__(self, hs: int, ht: int, kind: str):
+        super().__init__()
+        self.net = losses.FeatureProjector(hs, ht, kind)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class StudentWithProjector(torch.nn.Module):
+    """Student + feature projector + the loss, as one module: DDP must see every use of the
+    student's parameters (the LM head too) inside ``forward``, and syncs the projector's
+    gradients with the student's."""
+
+    def __init__(self, student, projector, cfg: LlavadiConfig, head_t: Optional[dict], autocast):
+        super().__init__()
+        self.student, self.projector = student, projector
+        self.cfg, self.head_t, self.autocast = cfg, head_t, autocast
+
+    def forward(self, mb: dict):
+        with self.autocast():
+            out = self.student.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                                     pixel_values=mb["pixel_values"])
+            hid = out.last_hidden_state
+            h = hid.reshape(-1, hid.shape[-1])[mb["rows"]]  # [N, Hs]: answer positions only
+            proj = self.projector(h)
+        return step_loss(self.student.get_output_embeddings(), h.float(), proj.float(), mb, self.cfg, self.head_t)
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist_info()
+
+
+def material(cfg: LlavadiConfig) -> dict:
+    c = asdict(cfg.train_student)
+    for k in ("num_workers", "save_every_steps", "keep_checkpoints", "log_every_steps", "log_sample_ids"):
+        c.pop(k)  # how it runs, not what it computes
+    return {"train_student": c, "student_dir": os.path.abspath(cfg.train_student.student or ""),
+            "image_root": cfg.ingest.image_root}
+
+
+def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[str]]:
+    """Problems before any model loads (student path, cache present and complete, vocabulary)."""
+    p = []
+    c = cfg.train_student
+    up = StageDir(run_dir, "cache_teacher")
+    m = up.read_manifest()
+    up_fp = m.get("fingerprint") if m else None
+    if m is None or not (up.path / "index.json").exists() or not m.get("complete"):
+        p.append(f"train-student reads the teacher cache {up.path}, which is missing or incomplete: "
+                 f"run `llavadi cache-teacher {run_dir}` first")
+    if not c.student or not os.path.exists(os.path.join(c.student, "config.json")):
+        p.append(f"train_student.student={c.student!r} is not a model directory: pass --student DIR "
+                 f"(a save_pretrained LLaVA-style model with its processor)")
+    if p:
+        return p, up_fp
+    from transformers import AutoConfig, AutoTokenizer
+
+    meta = CacheReader(up.path, verify=False).meta
+    tok = AutoTokenizer.from_pretrained(c.student)
+    if tokenizer_hash(tok) != meta["tokenizer_sha256"]:
+        p.append(f"the student's vocabulary ({c.student}) differs from the teacher's "
+                 f"(tokenizer hash {tokenizer_hash(tok)} vs the cache's {meta['tokenizer_sha256']}): "
+                 f"distillation needs the same tokenizer; pick a student built on the teacher's vocabulary")
+    scfg = AutoConfig.from_pretrained(c.student)
+    V = int(getattr(scfg, "text_config", scfg).vocab_size)
+    if c.kd.exact and V != meta["vocab_size"]:
+        p.append(f"train_student.kd.exact needs equal output sizes: student {V}, teacher {meta['vocab_size']}")
+    return p, up_fp
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    done = sorted(p for p in ckpt_dir.glob("step_*") if (p / "trainer_state.json").exists() and atomic.TMP_MARK not in p.name)
+    return done[-1] if done else None
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        prog = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * prog)) if kind == "cosine" else 1.0 - prog
+    return f
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def step_loss(head, h, proj, mb: dict, cfg: LlavadiConfig, head_t: Optional[dict]):
+    """Summed loss terms of one micro-batch: ``h [N,Hs]`` student hidden at answer positions,
+    ``proj [N,Ht]`` its projection. Returns (weighted sum, {term: detached sum})."""
+    c = cfg.train_student
+    terms = {}
+    total = h.new_zeros(())
+    need_logits = c.ce_weight > 0 or (c.kd_weight > 0 and not c.kd.exact)
+    logits = head(h).float() if need_logits else None  # [N, V] only at answer positions
+    if c.ce_weight > 0:
+        ce = torch.nn.functional.cross_entropy(logits, mb["targets"], reduction="sum")
+        total = total + c.ce_weight * ce
+        terms["ce"] = ce.detach()
+    if c.kd_weight > 0:
+        kw = dict(kind=c.kd.kind, beta=c.kd.beta, temperature=c.kd.temperature, standardize=c.kd.standardize,
+                  reduction="sum")
+        if c.kd.exact:
+            kd = losses.chunked_exact_kd_loss(h, head.weight, mb["t_hidden"], head_t["weight"],
+                                              teacher_head_bias=head_t.get("bias"),
+                                              student_head_bias=getattr(head, "bias", None),
+                                              chunk_size=c.kd.chunk_size, **kw)
+        else:
+            kd = losses.topk_kd_loss(logits, mb["t_topk_ids"], mb["t_topk_logprobs"],
+                                     teacher_logit_std=mb["t_logit_std"], **kw)
+        total = total + c.kd_weight * kd
+        terms["kd"] = kd.detach()
+    if c.feature_weight > 0:
+        feat = losses.feature_loss(proj, mb["t_hidden"], kind=c.feature.kind, reduction="sum")
+        total = total + c.feature_weight * feat
+        terms["feat"] = feat.detach()
+    return total, terms
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(out: Path, student, processor, projector, opt, sched, state: dict, keep: int) -> Path:
+    final = out / f"step_{state['global_step']:06d}"
+    tmp = atomic.tmp_name(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    student.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    rename_for_vllm(tmp)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "projector": projector.state_dict(),
+                "rng_torch": torch.get_rng_state()}, tmp / "training_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    for p in tmp.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic.fsync_dir(out)
+    for old in sorted(p for p in out.glob("step_*") if atomic.TMP_MARK not in p.name)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _truncate_metrics(path: Path, upto_step: int) -> None:
+    """Drop metric lines past the checkpoint we resume from (they will be recomputed)."""
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= upto_step]
+    atomic.write_bytes(path, "".join(l + "\n" for l in keep).encode())
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progress: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    rank, world = init_distributed()
+    c = cfg.train_student
+    problems, up_fp = preflight(run_dir, cfg)
+    if problems:
+        raise StageError("train-student: cannot start:\n  " + "\n  ".join(problems))
+    mat = material(cfg)
+    fp = fingerprint(mat, up_fp)
+    sd = StageDir(run_dir, STAGE_DIR)
+    lock = StageLock(sd.lock_file, "train-student") if rank == 0 else None
+    if lock:
+        lock.acquire()
+    try:
+        return _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress)
+    finally:
+        if lock:
+            lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress) -> dict:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from tqdm import tqdm
+
+    c = cfg.train_student
+    manifest = sd.read_manifest()
+    if manifest and manifest.get("fingerprint") != fp and not force:
+        keys = changed_keys(manifest.get("material", {}), mat)
+        if manifest.get("upstream_fingerprint") != up_fp:
+            keys.append("(the teacher cache was redone)")
+        raise StageError(f"train-student: the config differs from the one {sd.path} was trained with; changed: "
+                         f"{', '.join(keys)}. Revert it, use a new run directory, or pass --force to start over.")
+    if rank == 0:
+        if force:
+            sd.wipe()
+        sd.path.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_tmp(sd.path / "checkpoints")
+        sd.write_manifest({"stage": "train-student", "fingerprint": fp, "upstream_fingerprint": up_fp, "material": mat,
+                           "complete": False})
+        write_run_config(run_dir, cfg)
+    if world > 1:
+        dist.barrier()
+
+    ckpt_dir = sd.path / "checkpoints"
+    resume = latest_checkpoint(ckpt_dir)
+    src = str(resume) if resume else c.student
+    torch.manual_seed(c.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    use_bf16 = c.precision == "bf16" or (c.precision == "auto" and device == "cuda")
+    student = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).to(device)
+    processor = AutoProcessor.from_pretrained(c.student)
+    st = student_tokens(processor, c.student)
+
+    # scan once (rank 0 writes it): valid sample count for the schedule, rejects with reasons
+    scan_file = sd.path / "scan.json"
+    scan = json.loads(scan_file.read_text()) if scan_file.exists() else None
+    if not scan or scan.get("fingerprint") != fp:
+        rejects: list = []
+        n_valid = sum(1 for _ in stream_samples(run_dir, processor.tokenizer, st, rejects))
+        by_reason: dict = {}
+        for r in rejects:
+            by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+        scan = {"fingerprint": fp, "valid": n_valid, "rejected": by_reason}
+        if rank == 0:
+            atomic.write_jsonl(sd.path / "rejects.jsonl", rejects)
+            atomic.write_json(scan_file, scan)
+    steps_per_epoch = scan["valid"] // c.batch_size
+    total_steps = c.max_steps or steps_per_epoch * c.epochs
+    if total_steps < 1:
+        raise StageError(f"train-student: {scan['valid']} usable samples < batch_size={c.batch_size}: lower "
+                         f"train_student.batch_size or cache more data")
+
+    ht = CacheReader(run_dir / "cache_teacher", verify=False).spec.hidden_size
+    torch.manual_seed(c.seed)  # projector init independent of what ran before
+    projector = Projector(student.config.get_text_config().hidden_size, ht, c.feature.projector).to(device)
+    for name, p in student.named_parameters():
+        frozen = ((c.freeze_vision and ".vision_tower." in f".{name}") or
+                  (c.freeze_projector and ".multi_modal_projector." in f".{name}") or
+                  (c.freeze_lm and (".language_model." in f".{name}" or name.startswith("lm_head"))))
+        p.requires_grad_(not frozen)
+    head_t = None
+    if c.kd.exact:
+        from safetensors.torch import load_file
+
+        head_t = {k: v.to(device) for k, v in load_file(run_dir / "cache_teacher" / "teacher_head.safetensors").items()}
+
+    def autocast():
+        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
+
+    model = StudentWithProjector(student, projector, cfg, head_t, autocast)
+    ddp = model
+    if world > 1:
+        # a micro-batch without images leaves the multimodal projector unused on that rank
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None, find_unused_parameters=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    warmup = int(round(c.warmup_ratio * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(c.schedule, warmup, total_steps))
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "total_steps": total_steps, "fingerprint": fp}
+    if resume:
+        ts = torch.load(resume / "training_state.pt", weights_only=False)
+        opt.load_state_dict(ts["optimizer"])
+        sched.load_state_dict(ts["scheduler"])
+        projector.load_state_dict(ts["projector"])
+        torch.set_rng_state(ts["rng_torch"])
+        state = json.loads((resume / "trainer_state.json").read_text())
+        if rank == 0:
+            print(f"[train-student] resuming from {resume.name} (step {state['global_step']}/{total_steps})",
+                  file=sys.stderr)
+    metrics_path = sd.path / "metrics.jsonl"
+    ids_path = sd.path / f"sample_ids.rank{rank}.jsonl"
+    if c.log_sample_ids:
+        _truncate_metrics(ids_path, state["global_step"])
+    tb = None
+    if rank == 0:
+        _truncate_metrics(metrics_path, state["global_step"])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(sd.path / "tensorboard"), purge_step=state["global_step"] + 1)
+        except Exception:  # noqa: BLE001 - TensorBoard is optional; metrics.jsonl is the record
+            tb = None
+
+    bar = tqdm(total=total_steps, initial=state["global_step"], desc="train-student", unit="step",
+               disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+    t_last = time.time()
+    model.train()
+    while state["global_step"] < total_steps:
+        ds = StepDataset(run_dir, st, cfg.ingest.image_root, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
+                         rank=rank, world=world, seed=c.seed, epoch=state["epoch"], shuffle_buffer=c.shuffle_buffer,
+                         start_step=state["step_in_epoch"], max_steps=steps_per_epoch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=c.num_workers,
+                                             persistent_workers=False)
+        for item in loader:
+            if state["global_step"] >= total_steps:
+                break
+            mbs = item["micro_batches"]
+            n_local = sum(len(mb["targets"]) for mb in mbs)
+            n_global = torch.tensor(float(n_local))
+            if world > 1:
+                dist.all_reduce(n_global)
+            sums: dict = {}
+            for i, mb in enumerate(mbs):
+                mb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mb.items()}
+                sync = (i == len(mbs) - 1) or world == 1
+                ctx = ddp.no_sync() if (world > 1 and not sync) else _null()
+                with ctx:
+                    loss, terms = ddp(mb)
+                    # sum over this rank's tokens / all ranks' tokens; DDP averages gradients over
+                    # ranks, so × world makes the result the exact global-token mean
+                    (loss * (world / float(n_global))).backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            vec = torch.tensor([sums.get(k, 0.0) for k in ("ce", "kd", "feat")], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(vec)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm) if c.max_grad_norm > 0 else None
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            if c.log_sample_ids:
+                with open(ids_path, "a") as f:
+                    f.write(json.dumps({"step": state["global_step"], "epoch": state["epoch"],
+                                        "ids": [i for mb in mbs for i in mb["sample_ids"]]}) + "\n")
+            n_tok = float(n_global)
+            rec = {"step": state["global_step"], "epoch": state["epoch"], "lr": sched.get_last_lr()[0],
+                   "tokens": int(n_tok), **{k: vec[j].item() / n_tok for j, k in enumerate(("ce", "kd", "feat")) if k in sums}}
+            rec["loss"] = (c.ce_weight * rec.get("ce", 0) + c.kd_weight * rec.get("kd", 0)
+                           + c.feature_weight * rec.get("feat", 0))
+            if gnorm is not None:
+                rec["grad_norm"] = float(gnorm)
+            now = time.time()
+            rec["tokens_per_s"] = round(n_tok / max(1e-9, now - t_last), 1)
+            t_last = now
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec, sort_keys=True) + "\n")
+                if tb:
+                    for k in ("loss", "ce", "kd", "feat", "lr", "grad_norm", "tokens_per_s"):
+                        if k in rec:
+                            tb.add_scalar(f"train/{k}", rec[k], rec["step"])
+                bar.update(1)
+                bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "ce", "kd", "feat") if k in rec}
+                                | {"tok/s": rec["tokens_per_s"]})
+            last = state["global_step"] == total_steps
+            if state["global_step"] % c.save_every_steps == 0 or last:
+                if rank == 0:
+                    save_checkpoint(ckpt_dir, student, processor, projector, opt, sched, dict(state), c.keep_checkpoints)
+                if world > 1:
+                    dist.barrier()
+        if state["global_step"] < total_steps:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+    bar.close()
+    if tb:
+        tb.close()
+    if world > 1:
+        dist.barrier()  # every rank sees the final checkpoint
+    final = latest_checkpoint(ckpt_dir)
+    if rank == 0:
+        m = sd.read_manifest()
+        m.update({"complete": True, "final_checkpoint": final.name if final else None, "steps": total_steps,
+                  "samples_valid": scan["valid"], "rejected": scan["rejected"]})
+        sd.write_manifest(m)
+    return {"final_checkpoint": str(final) if final else None, "steps": total_steps, "scan": scan}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
