@@ -159,6 +159,39 @@ def train_student(run: Path = RunArg, overrides: Optional[List[str]] = Overrides
                    f"samples used {res['scan']['valid']}, rejected {sum(res['scan']['rejected'].values())}")
 
 
+@app.command("eval")
+def eval_cmd(run: Path = RunArg, overrides: Optional[List[str]] = OverridesArg,
+             model: Optional[str] = typer.Option(None, "--model", help="model directory to evaluate (teacher or student)"),
+             data: Optional[str] = typer.Option(None, "--data", help="held-out LLaVA .json/.jsonl with reference answers"),
+             image_root: Optional[str] = typer.Option(None, "--image-root", help="image folder of --data"),
+             cache: Optional[str] = typer.Option(None, "--cache", help="held-out teacher cache dir (KL, perplexity)"),
+             name: Optional[str] = typer.Option(None, "--name", help="result name (eval/<name>.json)"),
+             engine: Optional[str] = typer.Option(None, "--engine", help="hf (default) or vllm"),
+             config: Optional[str] = ConfigOpt) -> None:
+    """Accuracy on held-out questions and KL-to-teacher / perplexity on a held-out cache."""
+    from .stages.eval import evaluate, preflight
+
+    flags = []
+    for key, val in (("eval.data", data), ("eval.image_root", image_root), ("eval.cache", cache)):
+        if val:
+            flags.append(f"{key}=" + json.dumps(os.path.abspath(val)))
+    if engine:
+        flags.append(f"eval.engine={engine}")
+    try:
+        cfg = resolve(run, config, flags, overrides)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    problems = preflight(cfg, model)
+    if problems:
+        _fail("eval: cannot start:\n  " + "\n  ".join(problems), 2)
+    res = evaluate(run, cfg, model, name)
+    a, c = res.get("answers", {}), res.get("teacher_cache", {})
+    typer.echo(f"eval {res['name']}: " + ", ".join(
+        [f"accuracy {a['accuracy']:.3f} exact {a['exact_match']:.3f} on {a['questions']} questions"] * bool(a)
+        + [f"KL to teacher {c['kl_to_teacher']:.4f}, perplexity {c['perplexity']:.3f}"] * bool(c))
+        + f" → {run / 'eval' / (res['name'] + '.json')}")
+
+
 @app.command()
 def status(run: Path = RunArg, as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Per stage: shards done/total, samples in/out/rejected (by reason)."""

@@ -245,6 +245,24 @@ class TrainStudentConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``llavadi eval``: answers on a held-out set + KL to the teacher / perplexity on a held-out cache."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    data: Optional[str] = None  # held-out LLaVA JSON/JSONL with reference answers
+    image_root: Optional[str] = None  # defaults to ingest.image_root
+    cache: Optional[str] = None  # a held-out teacher cache directory (…/cache_teacher) for KL / perplexity
+    max_new_tokens: int = 16
+    max_samples: int = 0  # 0 = all
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.max_new_tokens < 1 or self.max_samples < 0:
+            p.append("eval.max_new_tokens must be >= 1 and eval.max_samples >= 0")
+        return p
+
+
+@dataclass
 class LlavadiConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -252,6 +270,7 @@ class LlavadiConfig:
     regenerate: RegenerateConfig = field(default_factory=RegenerateConfig)
     cache_teacher: CacheTeacherConfig = field(default_factory=CacheTeacherConfig)
     train_student: TrainStudentConfig = field(default_factory=TrainStudentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> list[str]:
         problems: list[str] = []
