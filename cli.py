@@ -203,13 +203,15 @@ def status(run: Path = RunArg, as_json: bool = typer.Option(False, "--json", hel
 
 @app.command()
 def demo(run_dir: Path = typer.Option(Path("demo"), "--run-dir", help="where the demo run lives"),
-         quick: bool = typer.Option(False, "--quick", help="smaller sizes"),
+         quick: bool = typer.Option(False, "--quick", help="smaller sizes (≤ 5 min)"),
+         profile: Optional[str] = typer.Option(None, "--profile", hidden=True, help="default | quick | smoke"),
          executor: Optional[str] = ExecutorOpt) -> None:
-    """The pipeline on tiny local models and synthetic visual-QA data (offline)."""
+    """The whole pipeline on tiny local models and synthetic visual-QA data (offline), with the
+    study's ablation arms; prints a table and writes RUN_DIR/report.md + report.png."""
     from .stages.demo.run import run_demo
 
     try:
-        run_demo(run_dir, quick=quick, executor=executor or "ray")
+        run_demo(run_dir, quick=quick, executor=executor or "ray", profile=profile)
     except (StageError, LockedError, ConfigError) as e:
         _fail(str(e), 2)
     except StageFailed as e:

@@ -15,6 +15,9 @@ def collect(run_dir: Path | str) -> dict:
         sd = StageDir(run_dir, name)
         if not sd.path.exists():
             continue
+        if name in SPECIAL:
+            stages[name] = SPECIAL[name](sd)
+            continue
         manifest = sd.read_manifest() or {}
         fp = manifest.get("fingerprint")
         done = [d for d in (sd.read_done(i) for i in sd.done_indices()) if d and d.get("fingerprint") == fp]
@@ -45,12 +48,56 @@ def collect(run_dir: Path | str) -> dict:
     return {"run_dir": str(run_dir), "stages": stages}
 
 
+def _lock(sd: StageDir):
+    if not sd.lock_file.exists():
+        return None
+    try:
+        return json.loads(sd.lock_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"state": "unreadable"}
+
+
+def _training(sd: StageDir) -> dict:
+    """train_student/: steps done of planned (newest checkpoint), samples used/rejected (scan)."""
+    m = sd.read_manifest() or {}
+    scan = {}
+    if (sd.path / "scan.json").exists():
+        scan = json.loads((sd.path / "scan.json").read_text())
+    step = total = None
+    ckpts = sorted(p for p in (sd.path / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists()) \
+        if (sd.path / "checkpoints").exists() else []
+    if ckpts:
+        ts = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+        step, total = ts.get("global_step"), ts.get("total_steps")
+    rej = scan.get("rejected", {})
+    valid = scan.get("valid", 0)
+    return {"kind": "training", "fingerprint": m.get("fingerprint"), "shards_total": None, "shards_done": 0,
+            "complete": bool(m.get("complete")), "steps_done": step, "steps_total": total,
+            "final_checkpoint": m.get("final_checkpoint"),
+            "samples": {"in": valid + sum(rej.values()), "out": valid, "rejected": sum(rej.values())},
+            "rejected_by_reason": dict(sorted(rej.items())), "running": _lock(sd)}
+
+
+def _evals(sd: StageDir) -> dict:
+    names = sorted(p.stem for p in sd.path.glob("*.json"))
+    return {"kind": "eval", "fingerprint": None, "shards_total": None, "shards_done": 0, "complete": bool(names),
+            "models": names, "samples": {"in": 0, "out": 0, "rejected": 0}, "rejected_by_reason": {}, "running": None}
+
+
+SPECIAL = {"train_student": _training, "eval": _evals}
+
+
 def render(status: dict) -> str:
-    rows = [("stage", "shards", "in", "out", "rejected", "state")]
+    rows = [("stage", "progress", "in", "out", "rejected", "state")]
     for name, s in status["stages"].items():
         total = s["shards_total"] if s["shards_total"] is not None else "?"
         state = "running" if s["running"] else ("complete" if s["complete"] else "incomplete")
-        rows.append((name, f"{s['shards_done']}/{total}", str(s["samples"]["in"]), str(s["samples"]["out"]),
+        progress = f"{s['shards_done']}/{total}"
+        if s.get("kind") == "training":
+            progress = f"step {s['steps_done'] or 0}/{s['steps_total'] or '?'}"
+        elif s.get("kind") == "eval":
+            progress, state = f"{len(s['models'])} model(s)", ", ".join(s["models"])
+        rows.append((name, progress, str(s["samples"]["in"]), str(s["samples"]["out"]),
                      str(s["samples"]["rejected"]), state))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"run: {status['run_dir']}"]

@@ -1,14 +1,29 @@
-"""``llavadi demo --quick`` end to end (what ``make demo`` runs), and its reuse on a rerun."""
+"""``llavadi demo`` end to end at smoke size (what ``make demo`` runs, reduced): every arm is
+in the report, and a rerun reuses the finished stages."""
+import json
+
 from conftest import cli, status_json
 
+ARMS = ["ce", "ce+kd", "ce+feat", "llavadi", "llavadi+regen"]
 
-def test_demo_quick_builds_models_data_and_ingests(tmp_path):
-    run_dir = tmp_path / "demo"
-    p = cli("demo", "--run-dir", run_dir, "--quick", "--executor", "local", timeout=600)
-    assert "complete" in p.stdout
-    for m in ("teacher", "student"):
-        assert (run_dir / "models" / m / "model.safetensors").exists()
-    st = status_json(run_dir / "run")["stages"]["data"]
-    assert st["complete"] and st["samples"]["out"] == 400 and st["samples"]["rejected"] == 0
-    p = cli("demo", "--run-dir", run_dir, "--quick", "--executor", "local")
-    assert "(0 run, 1 reused)" in p.stdout and "building" not in p.stdout
+
+def test_demo_smoke_runs_every_arm_and_reuses_on_rerun(tmp_path):
+    root = tmp_path / "demo"
+    p = cli("demo", "--run-dir", root, "--profile", "smoke", "--executor", "local", timeout=900)
+    res = json.loads((root / "results.json").read_text())
+    assert [r["arm"] for r in res["results"]] == ARMS and not any("skipped" in r for r in res["results"])
+    for r in res["results"]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["kl_to_teacher"] >= 0 and r["perplexity"] > 1
+    report = (root / "report.md").read_text()
+    for label in ("CE only", "logit KD", "feature KD", "LLAVADI", "regenerated"):
+        assert label in report and label in p.stdout
+    png = (root / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    for run in ("teacher_sft", "original", "regenerated", "heldout"):
+        st = status_json(root / "runs" / run)["stages"]
+        assert all(s["complete"] for s in st.values()), (run, st)
+    assert status_json(root / "runs" / "regenerated")["stages"]["regenerate"]["samples"]["out"] > 0
+    p2 = cli("demo", "--run-dir", root, "--profile", "smoke", "--executor", "local", timeout=900)
+    assert "building" not in p2.stdout and "generating" not in p2.stdout and "(0 run, 1 reused)" in p2.stdout
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rs]  # noqa: E731
+    assert strip(json.loads((root / "results.json").read_text())["results"]) == strip(res["results"])

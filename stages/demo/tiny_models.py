@@ -56,6 +56,11 @@ class TinySpec:
 
 TEACHER = TinySpec(hidden=256, layers=4, heads=4, intermediate=512, vision_hidden=128, vision_layers=2, vision_heads=2)
 STUDENT = TinySpec()
+# the demo's pair: small enough that SFT + five student arms fit 20 minutes on 2 cores
+DEMO_TEACHER = TinySpec(hidden=128, layers=4, heads=2, intermediate=384, vision_hidden=64, vision_layers=2,
+                        vision_heads=1, max_positions=512)
+DEMO_STUDENT = TinySpec(hidden=64, layers=2, heads=1, intermediate=128, vision_hidden=32, vision_layers=1,
+                        vision_heads=1, max_positions=512)
 # ≈135M parameters (LM hidden 768, 12 layers, head_dim 64 + 2×32064×768 embeddings/head): big enough
 # that the forward pass dominates, as with real teachers — for benchmarks
 MIDSIZE = TinySpec(hidden=768, layers=12, heads=12, intermediate=3072, vision_hidden=128, vision_layers=2,
