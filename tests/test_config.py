@@ -62,3 +62,14 @@ def test_cli_config_error_lists_problems(tmp_path, synth):
             check=False)
     assert p.returncode == 2
     assert "ingest.shard_size: expected an integer" in p.stderr and "run.executor" in p.stderr
+
+
+@pytest.mark.parametrize("preset", ["tiny.yaml", "llava13b_to_mobilellama2.7b.yaml"])
+def test_presets_are_valid(preset):
+    from pathlib import Path
+
+    from llavadi.pipeline.config import load_yaml
+
+    cfg = load_config(load_yaml(str(Path(__file__).resolve().parents[1] / "configs" / preset)))
+    assert cfg.train_student.ce_weight == cfg.train_student.kd_weight == cfg.train_student.feature_weight == 1.0
+    assert cfg.train_student.kd.kind == "fkl" and cfg.train_student.feature.projector == "mlp"
