@@ -116,7 +116,7 @@ def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", pr
     for name, spec in (("teacher_init", tiny_models.DEMO_TEACHER), ("student_init", tiny_models.DEMO_STUDENT)):
         if not (models / name / "config.json").exists():
             _say(f"building {name} ({spec})")
-            tiny_models.build_tiny_llava(models / name, spec)
+            tiny_models.build_tiny_llava(models / name, spec, system=tiny_models.DEMO_SYSTEM)
     data = root / "synthetic"
     splits = {"teacher_train": (prof.teacher_train, True), "labelled": (prof.labelled, True),
               "unlabelled": (prof.unlabelled, False), "test": (prof.test, True)}

@@ -20,9 +20,15 @@ tokens in total: ``input_ids [B,L] int64``, ``attention_mask [B,L]``, ``pixel_va
 [n_img,3,h,w]`` or None, ``rows [N] int64`` (flat index b·L + position predicting the token),
 ``targets [N] int64``, ``t_hidden [N,Ht] float32``, ``t_topk_ids [N,k] int64``,
 ``t_topk_logprobs [N,k] float32``, ``t_logit_std [N] float32``, ``sample_ids``.
+
+The student's processor is loaded once per process (``load_processor``: a small cache keyed by the
+model directory and its processor files' size/mtime), not once per epoch; ``student_tokens``
+registers the caller's processor there, so forked DataLoader workers inherit it instead of each
+re-reading the tokenizer (~1 s per worker per epoch).
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +54,52 @@ class StudentTokens:
     pad_token_id: int
 
 
+# processor files whose change must invalidate a cached processor
+_PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                    "processor_config.json")
+_PROCESSORS: dict = {}  # _processor_key → processor, this process only (forked workers inherit it)
+_MAX_PROCESSORS = 4
+
+
+def _processor_key(model_dir: str) -> tuple:
+    d = os.path.abspath(model_dir)
+    sig = []
+    for name in _PROCESSOR_FILES:
+        try:
+            s = os.stat(os.path.join(d, name))
+        except OSError:
+            continue
+        sig.append((name, s.st_size, s.st_mtime_ns))
+    return d, tuple(sig)
+
+
+def _remember_processor(key: tuple, processor) -> None:
+    _PROCESSORS.pop(key, None)
+    _PROCESSORS[key] = processor
+    while len(_PROCESSORS) > _MAX_PROCESSORS:
+        _PROCESSORS.pop(next(iter(_PROCESSORS)))
+
+
+def load_processor(model_dir: str):
+    """``AutoProcessor.from_pretrained(model_dir)``, loaded once per process (and per change of
+    the directory's processor files)."""
+    key = _processor_key(model_dir)
+    proc = _PROCESSORS.get(key)
+    if proc is None:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(model_dir)
+        _remember_processor(key, proc)
+    return proc
+
+
 def student_tokens(processor, model_dir: str) -> StudentTokens:
+    """``processor`` must be the one of ``model_dir`` (``AutoProcessor.from_pretrained(model_dir)``);
+    it is reused by the loader of this process and of its forked workers."""
     from ...pipeline.teacher_engines import image_seq_len
 
+    _remember_processor(_processor_key(model_dir), processor)
     tok = processor.tokenizer
     return StudentTokens(model_dir, tok.convert_tokens_to_ids("<image>"), image_seq_len(processor), tok.pad_token_id)
 
@@ -112,9 +161,7 @@ class StepDataset(IterableDataset):
 
     def _processor(self):
         if self._proc is None:
-            from transformers import AutoProcessor
-
-            self._proc = AutoProcessor.from_pretrained(self.st.model_dir)
+            self._proc = load_processor(self.st.model_dir)
             self._tok = self._proc.tokenizer
         return self._proc
 
