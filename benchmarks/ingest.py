@@ -21,6 +21,12 @@ Usage: ``.venv/bin/python benchmarks/ingest.py [--sizes 10000,100000] [--out FIL
 """
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _common import machine_info  # noqa: E402
+
 import argparse
 import json
 import os
@@ -40,33 +46,6 @@ POLL_S = 0.05
 
 
 # --------------------------------------------------------------------------- machine
-
-def machine_info() -> dict:
-    model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
-                    break
-    except OSError:
-        pass
-    try:
-        nproc = len(os.sched_getaffinity(0))
-    except AttributeError:
-        nproc = os.cpu_count()
-    return {"nproc": nproc, "cpu_model": model or platform.processor() or platform.machine(),
-            "mem_total_gb": mem_gb, "python": platform.python_version(), "platform": platform.platform()}
-
 
 # --------------------------------------------------------------------------- input
 

@@ -12,6 +12,12 @@ Usage: ``.venv/bin/python benchmarks/run_all.py [--only ingest,...] [--out FILE]
 """
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _common import machine_info  # noqa: E402
+
 import argparse
 import datetime as dt
 import json
@@ -25,33 +31,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESERVED = ("timestamp", "machine", "runtimes_s")
-
-
-def machine_info() -> dict:
-    model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
-                    break
-    except OSError:
-        pass
-    try:
-        nproc = len(os.sched_getaffinity(0))
-    except AttributeError:
-        nproc = os.cpu_count()
-    return {"nproc": nproc, "cpu_model": model or platform.processor() or platform.machine(),
-            "mem_total_gb": mem_gb, "python": platform.python_version(), "platform": platform.platform()}
 
 
 def discover() -> list[Path]:
