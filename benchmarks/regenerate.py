@@ -1,0 +1,466 @@
+"""Benchmark the regenerate engine: generated tokens/s of llavadi's vLLM engine vs HF ``generate``.
+
+The claim under test: on a teacher big enough that the forward pass dominates, llavadi's vLLM
+engine (continuous batching, paged KV cache) generates >= 3x the tokens/s of transformers'
+batched ``generate`` at its best batch size, on the same prompts, teacher and forced answer
+lengths. Both sides are measured in this one run, on this machine.
+
+Workloads (teachers built locally with ``stages.demo.tiny_models.build_tiny_llava``, random
+weights, fp32, greedy):
+
+- ``midsize`` (headline): ``MIDSIZE`` (~135M parameters, LM hidden 768, 12 layers, head_dim 64);
+  64 prompts; forced answer lengths spread evenly over 8..128 tokens (``8 + 120*i/63`` rounded,
+  shuffled with a fixed seed), one length per request;
+- ``tiny``: ``TEACHER`` (tiny, per-step overhead dominates); 32 prompts x 16 forced tokens.
+  HF batched ``generate`` is *expected to win* here; it is reported as measured.
+
+Prompts are text-only (no image rows; ``text_only: true`` in the output): questions rendered
+with the teacher's own chat template by ``schemas.conversation.render_prompt``, as the
+regenerate stage renders them. Text-only keeps the comparison on the LM generate loop, which
+is where the engines differ.
+
+What each side generates (both: exactly ``sum(L_i)`` answer tokens are returned and counted):
+
+- vLLM: ``llavadi.pipeline.teacher_engines.VLLMEngine`` constructs the engine (llavadi's own
+  settings: in-process, ``enforce_eager``, prefix caching off; ``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+  ``VLLM_CPU_KVCACHE_SPACE=2``). ``VLLMEngine.generate`` takes one ``SamplingConfig`` (one
+  ``max_new_tokens`` for all requests), so the benchmark calls ``engine.llm.generate`` directly
+  with one ``SamplingParams`` per request built as ``VLLMEngine.generate`` builds them
+  (``temperature=0``, ``detokenize=False``) plus ``min_tokens=max_tokens=L_i``: all requests
+  submitted in one call, the engine batches them continuously. Each output's token count is
+  checked to be exactly ``L_i``.
+- HF: the teacher loaded by llavadi's ``HFEngine`` (``AutoModelForImageTextToText``, fp32),
+  ``model.generate`` on left-padded batches, greedy, ``torch.inference_mode``. One ``generate``
+  call cannot force different lengths per row, so each batch is forced to its longest row
+  (``min_new_tokens=max_new_tokens=max L_i in the batch``) and every row is cut to its own
+  ``L_i``; the rows past their ``L_i`` are decoded and discarded (the cost of static batching,
+  reported as ``hf_*_computed_tokens``). In HF's favour, requests are sorted by forced length
+  before batching, so each batch holds similar lengths and the discarded work is the least
+  possible. Batch sizes 16 and 64 (capped at the prompt count) are measured; the best is the
+  comparison. Throughput = answer tokens kept (= vLLM's count) / seconds.
+
+Timed region per side: prompt tokenisation + generation of all requests. Model load / engine
+init and one small warm-up call (2 prompts x 4 tokens) are outside it; init times are reported.
+Each side is its own persistent subprocess (vLLM's CPU backend binds OpenMP threads and disables
+``torch.set_num_threads`` in the process it runs in, so HF must not share it); both load first,
+then the driver alternates their timed runs: vLLM, HF b64, HF b16, vLLM again. Only one side
+computes at a time (the idle side's CPU use is measured: ``idle_peer_cpu_s``), so each gets the
+machine's cores; vLLM's two runs bracket HF's, so a drift in machine load hits both sides, and
+``vllm_tok_s`` is from the mean of its two run times. Thread counts, the 1-min load average
+around each run and ``cpu_util`` (process CPU s / wall s of the timed region) are reported;
+``machine_contended`` is true when the load average went above nproc + 1, i.e. other processes
+competed for the cores and the absolute figures are depressed (the ratio less so).
+``greedy_rows_identical_vllm_hf`` compares each request's tokens between vLLM and HF's best
+batch (random weights: near-ties may flip a few rows under left padding; a sanity check that
+both sides do the same work, not the claim).
+
+Prints ONE JSON object on stdout's last line (``--out FILE`` also writes it).
+
+Usage: ``.venv/bin/python benchmarks/regenerate.py [--out FILE] [--workloads midsize,tiny]``
+"""
+from __future__ import annotations
+
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _common import machine_info  # noqa: E402
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_RATIO = 3.0  # vLLM / HF-best tokens/s on the midsize workload
+HF_BATCHES = (16, 64)
+WARMUP_PROMPTS, WARMUP_TOKENS = 2, 4
+
+TOPICS = ["the water cycle", "how bridges carry weight", "photosynthesis", "the history of the printing press",
+          "how a compiler works", "why the sky is blue", "the rules of chess", "how vaccines work",
+          "the life of honeybees", "how rainbows form", "plate tectonics", "the causes of tides",
+          "how airplanes stay aloft", "the structure of an atom", "how a bicycle gear works",
+          "the migration of birds", "how coffee is grown", "the phases of the moon", "how glass is made",
+          "the difference between weather and climate", "how a refrigerator works", "the Roman aqueducts",
+          "how trees communicate", "the invention of the telephone", "how coral reefs form",
+          "the role of enzymes", "how a lighthouse works", "the Silk Road", "how volcanoes erupt",
+          "why leaves change color", "how sound travels", "the making of paper"]
+FORMS = ["Explain {} to a curious child.", "Describe {} in a few sentences, with one concrete example."]
+
+
+# --------------------------------------------------------------------------- workloads
+
+def questions(n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        out.append(FORMS[(i // len(TOPICS)) % len(FORMS)].format(TOPICS[i % len(TOPICS)]))
+    return out
+
+
+def midsize_lengths(n: int = 64, lo: int = 8, hi: int = 128, seed: int = 0) -> list[int]:
+    lens = [int(round(lo + (hi - lo) * i / (n - 1))) for i in range(n)]
+    random.Random(seed).shuffle(lens)
+    return lens
+
+
+WORKLOADS = {
+    "midsize": {"spec": "MIDSIZE", "n_prompts": 64, "lengths": "8..128 spread, per request"},
+    "tiny": {"spec": "TEACHER", "n_prompts": 32, "lengths": "16 each"},
+}
+
+
+def workload_requests(name: str) -> tuple[list[str], list[int]]:
+    w = WORKLOADS[name]
+    qs = questions(w["n_prompts"])
+    lens = midsize_lengths(w["n_prompts"]) if name == "midsize" else [16] * w["n_prompts"]
+    return qs, lens
+
+
+def render(tokenizer, qs: list[str]) -> list[str]:
+    from llavadi.schemas.conversation import render_prompt
+
+    return [render_prompt(tokenizer, [{"from": "human", "value": q}]) for q in qs]
+
+
+# --------------------------------------------------------------------------- workers (subprocesses)
+#
+# Each side is a persistent subprocess: it loads the teacher, warms up, reports "ready" and then
+# does one timed run per command read from stdin ("run" for vLLM, "run B" for HF at batch B),
+# answering one JSON line on a dedicated pipe (the engines' logs go to a log file). The driver
+# alternates the sides' runs, so both are measured under the same machine conditions.
+
+class HFSide:
+    def __init__(self, model_dir: str, qs: list[str], lens: list[int]):
+        import torch
+
+        from llavadi.pipeline.config import TeacherConfig
+        from llavadi.pipeline.teacher_engines import HFEngine
+
+        self.torch = torch
+        t0 = time.perf_counter()
+        eng = HFEngine(TeacherConfig(model=model_dir, dtype="float32"))
+        self.init_s = time.perf_counter() - t0
+        self.model, self.tok = eng.model, eng.tokenizer
+        self.tok.padding_side = "left"
+        self.prompts, self.lens = render(self.tok, qs), lens
+        # HF's best case: requests sorted by forced length, so each batch holds similar lengths
+        self.order = sorted(range(len(qs)), key=lambda i: -lens[i])
+        t0 = time.perf_counter()
+        self._batch(list(range(WARMUP_PROMPTS)), WARMUP_TOKENS)
+        self.warmup_s = time.perf_counter() - t0
+
+    def ready(self) -> dict:
+        return {"init_s": self.init_s, "warmup_s": self.warmup_s, "torch_threads": self.torch.get_num_threads(),
+                "prompt_tokens": sum(len(self.tok(p)["input_ids"]) for p in self.prompts)}
+
+    def _batch(self, idx: list[int], force: int) -> list[list[int]]:
+        with self.torch.inference_mode():
+            inp = self.tok([self.prompts[i] for i in idx], padding=True, return_tensors="pt")
+            gen = self.model.generate(**inp, do_sample=False, max_new_tokens=force, min_new_tokens=force,
+                                      pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+            return gen[:, inp["input_ids"].shape[1]:].tolist()
+
+    def run(self, arg: str) -> dict:
+        b = int(arg)
+        toks: dict[int, list[int]] = {}
+        computed = 0
+        t0, c0 = time.perf_counter(), time.process_time()
+        for s in range(0, len(self.order), b):
+            idx = self.order[s:s + b]
+            force = max(self.lens[i] for i in idx)
+            for i, row in zip(idx, self._batch(idx, force)):
+                if len(row) != force:
+                    raise RuntimeError(f"HF generated {len(row)} tokens for a batch forced to {force}")
+                toks[i] = row[:self.lens[i]]
+            computed += force * len(idx)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return {"batch": b, "wall_s": wall, "cpu_s": cpu, "tokens": sum(len(t) for t in toks.values()),
+                "computed_tokens": computed, "n_batches": -(-len(self.order) // b),
+                "tokens_by_request": [toks[i] for i in range(len(self.prompts))]}
+
+
+class VLLMSide:
+    def __init__(self, model_dir: str, qs: list[str], lens: list[int]):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
+        import torch
+
+        from llavadi.pipeline.config import TeacherConfig
+        from llavadi.pipeline.teacher_engines import VLLMEngine
+
+        self.torch = torch
+        t0 = time.perf_counter()
+        self.eng = VLLMEngine(TeacherConfig(model=model_dir, dtype="float32"))
+        self.init_s = time.perf_counter() - t0
+        self.prompts, self.lens = render(self.eng.tokenizer, qs), lens
+        t0 = time.perf_counter()
+        self._gen(self.prompts[:WARMUP_PROMPTS], [WARMUP_TOKENS] * WARMUP_PROMPTS)
+        self.warmup_s = time.perf_counter() - t0
+
+    def ready(self) -> dict:
+        return {"init_s": self.init_s, "warmup_s": self.warmup_s, "torch_threads": self.torch.get_num_threads(),
+                "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
+
+    def _gen(self, prompts: list[str], lens: list[int]) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        # built as VLLMEngine.generate builds them (greedy here), with the length forced per request
+        params = [SamplingParams(n=1, temperature=0.0, top_p=1.0, top_k=0, max_tokens=n, min_tokens=n, seed=i,
+                                 detokenize=False) for i, n in enumerate(lens)]
+        outs = self.eng.llm.generate([{"prompt": p} for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def run(self, arg: str) -> dict:
+        t0, c0 = time.perf_counter(), time.process_time()
+        toks = self._gen(self.prompts, self.lens)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        for t, n in zip(toks, self.lens):
+            if len(t) != n:
+                raise RuntimeError(f"vLLM generated {len(t)} tokens for a request forced to {n}")
+        return {"wall_s": wall, "cpu_s": cpu, "tokens": sum(len(t) for t in toks), "tokens_by_request": toks}
+
+
+def worker_main(kind: str, spec_path: str, fd: int) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    out = os.fdopen(fd, "w", buffering=1)
+    side = (HFSide if kind == "hf" else VLLMSide)(spec["model"], spec["questions"], spec["lengths"])
+    out.write(json.dumps({"event": "ready", **side.ready()}) + "\n")
+    for line in sys.stdin:
+        cmd, _, arg = line.strip().partition(" ")
+        if cmd == "quit":
+            break
+        out.write(json.dumps({"event": "result", **side.run(arg)}) + "\n")
+    return 0
+
+
+class Worker:
+    """Driver-side handle of one persistent worker subprocess."""
+
+    def __init__(self, kind: str, work: Path, name: str, model_dir: Path, qs: list[str], lens: list[int]):
+        import psutil
+
+        self.kind = kind
+        spec = work / f"{kind}-{name}.in.json"
+        spec.write_text(json.dumps({"model": str(model_dir), "questions": qs, "lengths": lens}))
+        self.log = work / f"{kind}-{name}.log"
+        env = dict(os.environ)
+        if kind == "vllm":
+            env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2")
+        r, w = os.pipe()
+        self._logf = open(self.log, "wb")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", kind,
+                                      "--spec", str(spec), "--fd", str(w)], stdin=subprocess.PIPE,
+                                     stdout=self._logf, stderr=subprocess.STDOUT, pass_fds=(w,), env=env, text=True)
+        os.close(w)
+        self._in = os.fdopen(r, "r")
+        self.ps = psutil.Process(self.proc.pid)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self._in.readline()
+        if not line:
+            self.proc.wait()
+            tail = self.log.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"{self.kind} worker exited {self.proc.returncode}:\n{tail}")
+        return json.loads(line)
+
+    def cpu_s(self) -> float:
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def run(self, arg: str = "", peer: "Worker | None" = None) -> dict:
+        peer_c0 = peer.cpu_s() if peer else 0.0
+        load0 = os.getloadavg()[0]
+        self.proc.stdin.write(f"run {arg}\n")
+        self.proc.stdin.flush()
+        res = self._read()
+        res["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after
+        res["idle_peer_cpu_s"] = round(peer.cpu_s() - peer_c0, 2) if peer else None
+        return res
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            self._in.close()
+            self._logf.close()
+
+
+# --------------------------------------------------------------------------- driver
+
+def bench_workload(work: Path, name: str) -> dict:
+    from llavadi.stages.demo import tiny_models
+
+    w = WORKLOADS[name]
+    spec = getattr(tiny_models, w["spec"])
+    t0 = time.perf_counter()
+    model_dir = tiny_models.build_tiny_llava(work / f"teacher-{name}", spec)
+    build_s = time.perf_counter() - t0
+    n_params = None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(model_dir / "model.safetensors", "pt") as f:
+            n_params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    qs, lens = workload_requests(name)
+    total = sum(lens)
+    batches = sorted({min(b, len(qs)) for b in HF_BATCHES}, reverse=True)
+    log = lambda m: print(f"[bench regenerate] {name}: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    log(f"teacher {w['spec']} built in {build_s:.1f} s; {len(qs)} prompts, {total} forced answer tokens")
+    hf = vl = None
+    try:
+        t0 = time.perf_counter()
+        hf = Worker("hf", work, name, model_dir, qs, lens)
+        hf_start = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        vl = Worker("vllm", work, name, model_dir, qs, lens)
+        vl_start = time.perf_counter() - t0
+        # vLLM runs twice, bracketing the HF runs, so slow drifts in machine load hit both sides
+        runs_vl, runs_hf = [], {}
+        runs_vl.append(vl.run(peer=hf))
+        log(f"vLLM run 1: {total / runs_vl[-1]['wall_s']:.1f} tok/s")
+        for b in batches:
+            runs_hf[b] = hf.run(str(b), peer=vl)
+            r = runs_hf[b]
+            log(f"HF b{b}: {total / r['wall_s']:.1f} tok/s ({r['tokens']} kept / {r['computed_tokens']} decoded)")
+        runs_vl.append(vl.run(peer=hf))
+        log(f"vLLM run 2: {total / runs_vl[-1]['wall_s']:.1f} tok/s")
+    finally:
+        for wk in (vl, hf):
+            if wk is not None:
+                wk.close()
+
+    for r in runs_vl + list(runs_hf.values()):
+        if r["tokens"] != total:
+            raise RuntimeError(f"token count {r['tokens']} != forced total {total}")
+    vl_wall = sum(r["wall_s"] for r in runs_vl) / len(runs_vl)
+    vl_tps = total / vl_wall
+    out: dict = {"teacher": w["spec"], "teacher_params": n_params, "n_prompts": len(qs), "text_only": True,
+                 "answer_lengths": w["lengths"], "min_len": min(lens), "max_len": max(lens),
+                 "total_generated_tokens": total, "prompt_tokens": hf.ready["prompt_tokens"],
+                 "vllm_tok_s": round(vl_tps, 1),
+                 "vllm_runs_tok_s": [round(total / r["wall_s"], 1) for r in runs_vl],
+                 "vllm_cpu_util": [round(r["cpu_s"] / r["wall_s"], 2) for r in runs_vl],
+                 "vllm_runs_identical": runs_vl[0]["tokens_by_request"] == runs_vl[1]["tokens_by_request"]}
+    best = None
+    for b in sorted(runs_hf):
+        r = runs_hf[b]
+        tps = total / r["wall_s"]
+        out[f"hf_b{b}_tok_s"] = round(tps, 1)
+        out[f"hf_b{b}_computed_tokens"] = r["computed_tokens"]
+        out[f"hf_b{b}_cpu_util"] = round(r["cpu_s"] / r["wall_s"], 2)
+        if best is None or tps > best[1]:
+            best = (b, tps, r)
+    b, tps, r = best
+    out["hf_best_batch"] = b
+    out["hf_best_tok_s"] = round(tps, 1)
+    out["ratio_vllm_over_hf_best"] = round(vl_tps / tps, 3)
+    same = sum(a == c for a, c in zip(runs_vl[0]["tokens_by_request"], r["tokens_by_request"]))
+    out["greedy_rows_identical_vllm_hf"] = f"{same}/{len(qs)}"
+    out["timed_s"] = {"vllm": [round(r["wall_s"], 2) for r in runs_vl],
+                      **{f"hf_b{b}": round(runs_hf[b]["wall_s"], 2) for b in sorted(runs_hf)}}
+    out["init_s"] = {"build_teacher": round(build_s, 1), "hf_load": round(hf.ready["init_s"], 1),
+                     "vllm_engine_init": round(vl.ready["init_s"], 1), "hf_warmup": round(hf.ready["warmup_s"], 2),
+                     "vllm_warmup": round(vl.ready["warmup_s"], 2), "hf_worker_start": round(hf_start, 1),
+                     "vllm_worker_start": round(vl_start, 1)}
+    out["threads"] = {"hf_torch": hf.ready["torch_threads"], "vllm_torch": vl.ready["torch_threads"],
+                      "vllm_omp_threads_bind": vl.ready["omp_threads_bind"]}
+    # Machine conditions: 1-min load average before/after each timed run (others' processes on
+    # the machine slow both sides), CPU used by the idle side meanwhile (should be ~0), and
+    # cpu_util above (process CPU s / wall s; ~nproc when a side had the cores to itself).
+    out["loadavg_1m"] = {"vllm": [r["loadavg_1m"] for r in runs_vl],
+                         **{f"hf_b{b}": runs_hf[b]["loadavg_1m"] for b in sorted(runs_hf)}}
+    out["idle_peer_cpu_s"] = {"during_vllm": [r["idle_peer_cpu_s"] for r in runs_vl],
+                              **{f"during_hf_b{b}": runs_hf[b]["idle_peer_cpu_s"] for b in sorted(runs_hf)}}
+    return out
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="also write the JSON result to this file")
+    ap.add_argument("--workloads", default="midsize,tiny", help="comma-separated: midsize,tiny (default both)")
+    ap.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed afterwards)")
+    ap.add_argument("--worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--fd", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, args.spec, args.fd)
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    bad = [n for n in names if n not in WORKLOADS]
+    if bad or not names:
+        ap.error(f"--workloads: unknown {bad}; choose from {sorted(WORKLOADS)}")
+
+    t_start = time.perf_counter()
+    machine = machine_info()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="llavadi-bench-regenerate-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        results = {n: bench_workload(work, n) for n in names}
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    result: dict = {"benchmark": "regenerate", "target_ratio_midsize": TARGET_RATIO}
+    if "midsize" in results:
+        m = results["midsize"]
+        result["ratio_midsize"] = m["ratio_vllm_over_hf_best"]
+        result["target_met"] = m["ratio_vllm_over_hf_best"] >= TARGET_RATIO
+        result["vllm_tok_s_midsize"] = m["vllm_tok_s"]
+        result["hf_best_tok_s_midsize"] = m["hf_best_tok_s"]
+    if "tiny" in results:
+        t = results["tiny"]
+        result["ratio_tiny"] = t["ratio_vllm_over_hf_best"]
+        result["vllm_tok_s_tiny"] = t["vllm_tok_s"]
+        result["hf_best_tok_s_tiny"] = t["hf_best_tok_s"]
+        winner = "vLLM" if t["ratio_vllm_over_hf_best"] >= 1 else "HF batched generate"
+        result["tiny_note"] = (f"tiny teacher, where per-step overhead dominates and HF batched generate was "
+                               f"expected to win; measured: {winner} faster")
+    result["workloads"] = results
+    result["method"] = ("same prompts (text-only, teacher chat template), same teacher, greedy fp32; vLLM: "
+                        "VLLMEngine-built LLM, engine.llm.generate with per-request SamplingParams "
+                        "min_tokens=max_tokens=L_i, one call; HF: HFEngine-loaded model, model.generate on "
+                        "left-padded batches sorted by L_i, each batch forced to its max L_i, rows cut to L_i "
+                        "(decoded-but-discarded tokens in hf_b*_computed_tokens); tok/s = sum(L_i) / timed "
+                        "seconds (tokenisation + generation; load/init/warm-up excluded); each side in its own "
+                        "persistent subprocess, runs alternated: vLLM, HF b64, HF b16, vLLM (vllm_tok_s from the "
+                        "mean of its two runs)")
+    loads = [x for r in results.values() for v in r["loadavg_1m"].values()
+             for x in (v if isinstance(v[0], (int, float)) else [y for pair in v for y in pair])]
+    result["max_loadavg_1m"] = max(loads)
+    # our own side accounts for ~nproc of the load average; well above that, others competed for the cores
+    result["machine_contended"] = max(loads) > machine["nproc"] + 1
+    result["machine"] = machine
+    result["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
+
+    text_out = json.dumps(result)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(text_out, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
