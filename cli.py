@@ -46,6 +46,15 @@ def _run_flags(executor: Optional[str], ray_address: Optional[str]) -> list[str]
     return flags
 
 
+def _teacher_flags(teacher: Optional[str], engine_key: str, engine: Optional[str]) -> list[str]:
+    flags = []
+    if teacher:
+        flags.append("teacher.model=" + json.dumps(os.path.abspath(teacher)))
+    if engine:
+        flags.append(f"{engine_key}={engine}")
+    return flags
+
+
 def _stage_command(stage, run: Path, config: Optional[str], flags: list[str], overrides: Optional[list[str]],
                    force: bool, dry_run: bool) -> None:
     """Resolve the config (stored ← --config ← flags ← overrides) and launch the stage."""
@@ -96,11 +105,7 @@ def regenerate(run: Path = RunArg, overrides: Optional[List[str]] = OverridesArg
     """Re-answer every assistant turn of RUN/data/ with the teacher (vLLM) into RUN/regenerate/."""
     from .stages.regenerate import STAGE
 
-    flags = _run_flags(executor, ray_address)
-    if teacher:
-        flags.append("teacher.model=" + json.dumps(os.path.abspath(teacher)))
-    if engine:
-        flags.append(f"regenerate.engine={engine}")
+    flags = _run_flags(executor, ray_address) + _teacher_flags(teacher, "regenerate.engine", engine)
     _stage_command(STAGE, run, config, flags, overrides, force, dry_run)
 
 
@@ -114,11 +119,7 @@ def cache_teacher(run: Path = RunArg, overrides: Optional[List[str]] = Overrides
     """Teacher-forced pass: answer-token hidden states + top-k logprobs into RUN/cache_teacher/."""
     from .stages.cache_teacher import STAGE
 
-    flags = _run_flags(executor, ray_address)
-    if teacher:
-        flags.append("teacher.model=" + json.dumps(os.path.abspath(teacher)))
-    if engine:
-        flags.append(f"cache_teacher.engine={engine}")
+    flags = _run_flags(executor, ray_address) + _teacher_flags(teacher, "cache_teacher.engine", engine)
     if verify is not None:
         from .stages.cache_teacher import verify_cache
 

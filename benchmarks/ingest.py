@@ -30,7 +30,6 @@ from _common import machine_info  # noqa: E402
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess

@@ -69,7 +69,6 @@ from _common import machine_info  # noqa: E402
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess

@@ -21,8 +21,6 @@ from _common import machine_info  # noqa: E402
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import subprocess
 import sys
 import time

@@ -86,7 +86,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import copy
 import json
-import platform
 import resource
 import shutil
 import statistics

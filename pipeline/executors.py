@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from .config import RunConfig
 from .stage import ShardResult, ShardTask, Stage, StageContext, execute_shard

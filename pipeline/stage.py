@@ -97,3 +97,24 @@ def execute_shard(stage: Stage, ctx: StageContext, state: Any, task: ShardTask) 
     except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
         tb = traceback.format_exc(limit=6)
         return ShardResult(task.index, False, error=f"{type(e).__name__}: {e}\n{tb}", seconds=time.time() - t0)
+
+
+def plan_from_upstream(ctx: StageContext, is_done: Callable[[int], bool]) -> Iterator[ShardTask | int]:
+    """Shard i of a stage reads shard i of its upstream stage: one task per upstream shard."""
+    for i in ctx.upstream.done_indices():
+        yield i if is_done(i) else ShardTask(i, str(ctx.upstream.data_file(i)))
+
+
+def teacher_resources(cfg: LlavadiConfig) -> dict:
+    """Ray actors of a teacher-holding stage: ``teacher.num_actors`` engines, each with its GPUs."""
+    t = cfg.teacher
+    return {"num_workers": t.num_actors, "num_cpus": t.cpus_per_actor, "num_gpus": t.gpus_per_actor}
+
+
+def engine_installed(engine: str, key: str) -> list[str]:
+    """Preflight problem when a stage is set to the vLLM engine but vLLM is missing."""
+    import importlib.util
+
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        return [f"{key}=vllm but vLLM is not installed: run `make setup`, or set {key}=hf"]
+    return []

@@ -15,7 +15,6 @@ Rejects: ``token_mismatch`` (template tokenisation is not prefix-stable at a tur
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -25,7 +24,8 @@ from typing import Callable, Iterator
 
 from ..pipeline import atomic
 from ..pipeline.config import LlavadiConfig
-from ..pipeline.stage import ShardOutput, ShardTask, StageContext
+from ..pipeline.stage import (ShardOutput, ShardTask, StageContext, engine_installed, plan_from_upstream,
+                              teacher_resources)
 from ..pipeline.teacher_engines import (ForceRequest, ForceResult, HFTeacherForcer, make_forcer, max_model_len,
                                         output_head, topk_from_hidden)
 from ..schemas.conversation import (answer_positions, template_hash, to_messages, tokenize_conversation,
@@ -64,13 +64,7 @@ class CacheTeacherStage:
         return "zarr" if cfg.cache_teacher.store == "zarr" else "tar"
 
     def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
-        p = teacher_preflight(cfg)
-        if cfg.cache_teacher.engine == "vllm":
-            import importlib.util
-
-            if importlib.util.find_spec("vllm") is None:
-                p.append("cache_teacher.engine=vllm but vLLM is not installed: run `make setup`, or use engine=hf")
-        return p
+        return teacher_preflight(cfg) + engine_installed(cfg.cache_teacher.engine, "cache_teacher.engine")
 
     def material(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
         c = asdict(cfg.cache_teacher)
@@ -79,12 +73,10 @@ class CacheTeacherStage:
                 "image_root": cfg.ingest.image_root}
 
     def resources(self, cfg: LlavadiConfig) -> dict:
-        t = cfg.teacher
-        return {"num_workers": t.num_actors, "num_cpus": t.cpus_per_actor, "num_gpus": t.gpus_per_actor}
+        return teacher_resources(cfg)
 
     def plan(self, ctx: StageContext, is_done: Callable[[int], bool]) -> Iterator[ShardTask | int]:
-        for i in ctx.upstream.done_indices():
-            yield i if is_done(i) else ShardTask(i, str(ctx.upstream.data_file(i)))
+        return plan_from_upstream(ctx, is_done)
 
     def setup(self, ctx: StageContext):
         return make_forcer(ctx.cfg.cache_teacher.engine, ctx.cfg.teacher, ctx.cfg.cache_teacher.top_k)

@@ -13,7 +13,6 @@ Writes ``RUN/eval/<name>.json`` (name defaults to the model directory's name).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re

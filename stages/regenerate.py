@@ -37,7 +37,8 @@ import pyarrow as pa
 
 from ..pipeline import atomic
 from ..pipeline.config import LlavadiConfig
-from ..pipeline.stage import ShardOutput, ShardTask, StageContext
+from ..pipeline.stage import (ShardOutput, ShardTask, StageContext, engine_installed, plan_from_upstream,
+                              teacher_resources)
 from ..pipeline.teacher_engines import (GenRequest, make_engine, max_model_len, prompt_token_count, request_seed,
                                         weights_identity)
 from ..schemas.conversation import render_prompt
@@ -80,13 +81,7 @@ class RegenerateStage:
     upstream = "data"
 
     def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
-        p = teacher_preflight(cfg)
-        if cfg.regenerate.engine == "vllm":
-            import importlib.util
-
-            if importlib.util.find_spec("vllm") is None:
-                p.append("regenerate.engine=vllm but vLLM is not installed: run `make setup`, or use regenerate.engine=hf")
-        return p
+        return teacher_preflight(cfg) + engine_installed(cfg.regenerate.engine, "regenerate.engine")
 
     def material(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
         t = asdict(cfg.teacher)
@@ -97,12 +92,10 @@ class RegenerateStage:
                 "image_root": cfg.ingest.image_root}
 
     def resources(self, cfg: LlavadiConfig) -> dict:
-        t = cfg.teacher
-        return {"num_workers": t.num_actors, "num_cpus": t.cpus_per_actor, "num_gpus": t.gpus_per_actor}
+        return teacher_resources(cfg)
 
     def plan(self, ctx: StageContext, is_done: Callable[[int], bool]) -> Iterator[ShardTask | int]:
-        for i in ctx.upstream.done_indices():
-            yield i if is_done(i) else ShardTask(i, str(ctx.upstream.data_file(i)))
+        return plan_from_upstream(ctx, is_done)
 
     def setup(self, ctx: StageContext):
         return make_engine(ctx.cfg.regenerate.engine, ctx.cfg.teacher)

@@ -55,3 +55,20 @@ def tiny_teacher(tmp_path_factory) -> Path:
     from llavadi.stages.demo.tiny_models import TEACHER, build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "teacher", TEACHER)
+
+
+def kill_when(args: list, cond, timeout: float = 300, env: dict | None = None) -> int:
+    """Start ``python -m llavadi.cli ARGS`` in its own session, SIGKILL the whole process group as
+    soon as ``cond()`` holds, and return the exit status (``-SIGKILL`` when killed)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "llavadi.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})})
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < timeout:
+        if cond():
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    return proc.wait()

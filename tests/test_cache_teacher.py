@@ -2,12 +2,8 @@
 recomputation from ``hidden`` + ``teacher_head.safetensors``; HF vs vLLM engines; stores;
 corruption; kill-and-resume."""
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +11,7 @@ import torch
 
 from llavadi.schemas.teacher_cache import CacheCorruptError, CacheReader, iter_cache_shard
 
-from conftest import cli, status_json, tree_bytes
+from conftest import cli, kill_when, status_json, tree_bytes
 
 K = 16
 
@@ -173,18 +169,11 @@ def test_webdataset_store_yields_identical_samples_and_corruption_is_named(hf_ca
 
 def test_sigkill_then_rerun_is_identical(hf_cache, small, tmp_path, tiny_teacher):
     run = fresh(small, tmp_path)
-    args = [sys.executable, "-m", "llavadi.cli", "cache-teacher", str(run), "--teacher", str(tiny_teacher),
-            "--executor", "local", "cache_teacher.source=data", f"cache_teacher.top_k={K}",
-            "cache_teacher.hidden_dtype=float16", "cache_teacher.batch_size=4"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     done = run / "cache_teacher" / "_done"
-    t0 = time.time()
-    while proc.poll() is None and time.time() - t0 < 300:
-        if done.exists() and len(list(done.glob("*.json"))) >= 1:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL
+    rc = kill_when(["cache-teacher", run, "--teacher", tiny_teacher, "--executor", "local", "cache_teacher.source=data",
+                    f"cache_teacher.top_k={K}", "cache_teacher.hidden_dtype=float16", "cache_teacher.batch_size=4"],
+                   lambda: done.exists() and len(list(done.glob("*.json"))) >= 1)
+    assert rc == -signal.SIGKILL
     assert not (run / "cache_teacher" / "index.json").exists()
     cache(run, tiny_teacher, "cache_teacher.hidden_dtype=float16", "cache_teacher.batch_size=4")
     got, want = tree_bytes(run / "cache_teacher"), tree_bytes(hf_cache / "cache_teacher")

@@ -1,18 +1,14 @@
 """``llavadi regenerate`` with the real vLLM CPU engine and the HF engine on the tiny teacher."""
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from llavadi.schemas.samples import iter_samples
 
-from conftest import cli, status_json, tree_bytes
+from conftest import cli, kill_when, status_json, tree_bytes
 
 pytestmark = pytest.mark.vllm
 FAST = ["regenerate.sampling.max_new_tokens=8", "regenerate.block_size=16"]
@@ -102,17 +98,10 @@ def test_sigkill_mid_stage_then_rerun_is_identical_with_sampling(ingested, tmp_p
     regen(ref, tiny_teacher, "regenerate.seed=7", executor="ray",
           env={"RAY_AUTH_MODE": "disabled"})
     run = fresh(ingested, tmp_path, "killed")
-    args = [sys.executable, "-m", "llavadi.cli", "regenerate", str(run), "--teacher", str(tiny_teacher),
-            "--executor", "local", *FAST, "regenerate.seed=7"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     done = run / "regenerate" / "_done"
-    t0 = time.time()
-    while proc.poll() is None and time.time() - t0 < 300:
-        if done.exists() and len(list(done.glob("*.json"))) >= 1:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert proc.wait() == -signal.SIGKILL
+    rc = kill_when(["regenerate", run, "--teacher", tiny_teacher, "--executor", "local", *FAST, "regenerate.seed=7"],
+                   lambda: done.exists() and len(list(done.glob("*.json"))) >= 1)
+    assert rc == -signal.SIGKILL
     assert len(list(done.glob("*.json"))) < 3
     p = regen(run, tiny_teacher, "regenerate.seed=7")
     assert "already done" in p.stdout

@@ -21,10 +21,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ...pipeline import status as status_mod
 from ...pipeline.runner import StageError, run_stage
 from ...pipeline.session import resolve
 
@@ -96,7 +95,6 @@ def _train(run: Path, student: Path, overrides: list[str]) -> Path:
 def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", profile: str | None = None) -> dict:
     from ...pipeline.executors import init_ray
     from ..cache_teacher import STAGE as CACHE
-    from ..eval import evaluate
     from ..ingest import STAGE as INGEST
     from ..regenerate import STAGE as REGEN
     from . import synthetic_vqa, tiny_models

@@ -249,7 +249,6 @@ def _truncate_metrics(path: Path, upto_step: int) -> None:
 def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     rank, world, own_group = init_distributed()
-    c = cfg.train_student
     problems, up_fp = preflight(run_dir, cfg)
     if problems:
         raise StageError("train-student: cannot start:\n  " + "\n  ".join(problems))
