@@ -194,17 +194,13 @@ class CacheTeacherStage:
 
     def finalize(self, ctx: StageContext) -> None:
         """``index.json`` (from the done markers) and ``teacher_head.safetensors``."""
-        from safetensors.torch import save_file
         from transformers import AutoTokenizer
 
         sd = ctx.stage
         t = ctx.cfg.teacher
         head = output_head(t.model)
-        head_path = sd.path / HEAD_FILE
-        tmp = atomic.tmp_name(head_path)
-        save_file({k: v.contiguous() for k, v in head.items()}, str(tmp),
-                  metadata={"logit_transform": "none", "format": "pt"})
-        atomic.commit(tmp, head_path)
+        atomic.write_bytes(sd.path / HEAD_FILE, _safetensors_bytes({k: v.contiguous() for k, v in head.items()},
+                                                                   {"logit_transform": "none", "format": "pt"}))
         tok = AutoTokenizer.from_pretrained(t.model)
         V, H = head["weight"].shape
         meta = {**cache_spec(ctx.cfg, int(H)).to_meta(), "vocab_size": int(V), "teacher": teacher_identity(ctx.cfg),
@@ -217,6 +213,22 @@ class CacheTeacherStage:
             shards.append({"shard": i, "file": d["data_file"], "n_samples": d["counts"]["out"],
                            "n_tokens": d["counts"]["tokens"], "sha256": d["sha256"]})
         write_index(sd.path, meta, shards)
+
+
+def _safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
+    """``safetensors.torch.save`` with the header's keys sorted: safetensors writes ``__metadata__``
+    from a hash map, in a different order from one process to the next, and the head file must be
+    byte-identical across runs (kill/resume). Same JSON, same length, so the offsets stand."""
+    import json
+
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    text = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    if len(text) > n:  # cannot happen for ASCII keys; never write a header that would not parse
+        raise RuntimeError("safetensors header grew when its keys were sorted")
+    return raw[:8] + text.ljust(n, b" ") + raw[8 + n:]
 
 
 def _score(forcer, reqs) -> list:
