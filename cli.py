@@ -55,18 +55,31 @@ def _teacher_flags(teacher: Optional[str], engine_key: str, engine: Optional[str
     return flags
 
 
-def _stage_command(stage, run: Path, config: Optional[str], flags: list[str], overrides: Optional[list[str]],
-                   force: bool, dry_run: bool) -> None:
-    """Resolve the config (stored ← --config ← flags ← overrides) and launch the stage."""
+def _progress() -> bool:
+    return sys.stderr.isatty() or bool(os.environ.get("LLAVADI_PROGRESS"))
+
+
+def _resolve_or_print(run: Path, config: Optional[str], flags: list[str], overrides: Optional[list[str]],
+                      dry_run: bool):
+    """The resolved config, or None after printing it for ``--dry-run``; a bad config exits 2."""
     try:
         cfg = resolve(run, config, flags, overrides)
     except ConfigError as e:
         _fail(str(e), 2)
     if dry_run:
         typer.echo(dump_yaml(cfg), nl=False)
+        return None
+    return cfg
+
+
+def _stage_command(stage, run: Path, config: Optional[str], flags: list[str], overrides: Optional[list[str]],
+                   force: bool, dry_run: bool) -> None:
+    """Resolve the config (stored ← --config ← flags ← overrides) and launch the stage."""
+    cfg = _resolve_or_print(run, config, flags, overrides, dry_run)
+    if cfg is None:
         return
     try:
-        rep = run_stage(stage, run, cfg, force=force, progress=sys.stderr.isatty() or bool(os.environ.get("LLAVADI_PROGRESS")))
+        rep = run_stage(stage, run, cfg, force=force, progress=_progress())
     except (StageError, LockedError) as e:
         _fail(str(e), 2)
     except StageFailed as e:
@@ -142,17 +155,13 @@ def train_student(run: Path = RunArg, overrides: Optional[List[str]] = Overrides
     flags = []
     if student:
         flags.append("train_student.student=" + json.dumps(os.path.abspath(student)))
-    try:
-        cfg = resolve(run, config, flags, overrides)
-    except ConfigError as e:
-        _fail(str(e), 2)
-    if dry_run:
-        typer.echo(dump_yaml(cfg), nl=False)
+    cfg = _resolve_or_print(run, config, flags, overrides, dry_run)
+    if cfg is None:
         return
     from .stages.train_student.loop import train
 
     try:
-        res = train(run, cfg, force=force, progress=sys.stderr.isatty() or bool(os.environ.get("LLAVADI_PROGRESS")))
+        res = train(run, cfg, force=force, progress=_progress())
     except (StageError, LockedError) as e:
         _fail(str(e), 2)
     if int(os.environ.get("RANK", "0")) == 0:
