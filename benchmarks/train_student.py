@@ -1,14 +1,16 @@
 """Benchmark ``llavadi train-student`` against design §7, as ratios measured within one run.
 
 (a) **KD step cost**: a training step with full KD (CE + top-k KD + feature loss, the default
-    recipe) and with exact KD (``kd.exact=true``: CE + chunked full-vocabulary KD + feature loss)
+    recipe) and with exact KD (``kd.exact=true``: CE + full-vocabulary KD + feature loss)
     ÷ a CE-only step (``kd_weight=0, feature_weight=0``); target ≤ 1.15. For the tiny student
     (``STUDENT``) and a ≈100M-parameter student (``MIDSIZE`` with fewer layers, see ``--mid-layers``);
     the cache's teacher is the tiny ``TEACHER`` (same 32064-token vocabulary).
 (b) **Loader vs trainer**: samples/s of ``StepDataset`` iterated alone (collate included, a new
     dataset + ``DataLoader`` per epoch as ``loop.train`` does, ``num_workers`` 0 and 2) ÷ samples/s
     of the tiny student's full-KD training step; target ≥ 5.
-(c) **KD loss peak memory**: ``losses.chunked_exact_kd_loss`` forward + backward ÷ the naive
+(c) **KD loss peak memory**: the exact KD loss forward + backward as the loop runs it
+    (``losses.fused_head_loss``: blocks of ``chunk`` rows, gradients taken in forward; the headline)
+    and as ``losses.chunked_exact_kd_loss`` (checkpointed chunks) ÷ the naive
     full-logits path (student logits ``h @ W_s.T`` [N,V] with grad + teacher logits [N,V] +
     ``losses.dense_kd_loss``, forward + backward); target ≤ 0.25.
 
@@ -46,8 +48,8 @@ time. The headline ratio uses the loader's whole-epoch rate.
 
 (c) runs each arm in a fresh subprocess (float32, ``N`` answer tokens, hidden ``H`` for both
 models, vocabulary ``V``; teacher side without grad, student hidden and head weight with grad;
-inputs allocated before measuring); the chunked arm at each of ``--kd-mem-chunks`` (the first,
-by default the only one: the config default 1024, is the headline). The arms run while the untimed setup runs and are
+inputs allocated before measuring); the fused and chunked arms at each of ``--kd-mem-chunks`` (the
+first, by default the only one: the config default ``kd.chunk_size`` 512, is the headline). The arms run while the untimed setup runs and are
 finished before anything is timed. Peak = the highest sum of live bytes allocated *during*
 forward + backward, from the allocator events of ``torch.profiler`` (``profile_memory=True``:
 every CPU allocation and free, with its size and time; exact bytes, like tracemalloc for
@@ -423,7 +425,13 @@ def kd_mem_arm(arm: str, n: int, h: int, v: int, chunk: int) -> dict:
         loss.backward()
         return loss.item()
 
-    fn = naive if arm == "naive" else chunked
+    def fused():  # the training loop's exact path: KD only here (ce_weight=0), blocks of `chunk` rows
+        loss = losses.fused_head_loss(hs, ws, teacher_hidden=ht, teacher_head_weight=wt, ce_weight=0.0,
+                                      block_rows=chunk)[0]
+        loss.backward()
+        return loss.item()
+
+    fn = {"naive": naive, "chunked": chunked, "fused": fused}[arm]
     rss0 = _rss_bytes()
     max0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
@@ -452,12 +460,13 @@ def kd_memory_start(args) -> dict:
     """Start every arm of (c), each in its own fresh process (run during the untimed setup: the
     measured bytes are per process, their times are not used)."""
     procs = {}
-    for arm, chunk in [("naive", args.kd_mem_chunks[0])] + [("chunked", c) for c in args.kd_mem_chunks]:
+    arms = [("naive", args.kd_mem_chunks[0])] + [(a, c) for c in args.kd_mem_chunks for a in ("fused", "chunked")]
+    for arm, chunk in arms:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--kd-mem-arm", arm, "--kd-mem-n", str(args.kd_mem_n),
                "--kd-mem-h", str(args.kd_mem_h), "--kd-mem-v", str(args.kd_mem_v), "--kd-mem-chunk", str(chunk)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        procs[arm if arm == "naive" else f"chunked_{chunk}"] = subprocess.Popen(
+        procs[arm if arm == "naive" else f"{arm}_{chunk}"] = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return procs
 
@@ -478,21 +487,21 @@ def kd_memory_collect(args, procs: dict) -> dict:
     out = {"N": n, "H": h, "V": v, "dtype": "float32", "one_NxV_fp32_mib": mib(nv),
            "method": "torch.profiler allocator events" if alloc else "ru_maxrss delta (profiler events unavailable)",
            "naive_peak_mib": mib(a[key]), "naive_peak_in_NxV": round(a[key] / nv, 2) if a[key] else None,
-           "rss_naive_peak_delta_mib": mib(a["rss_peak_delta_bytes"]), "chunked": {},
+           "rss_naive_peak_delta_mib": mib(a["rss_peak_delta_bytes"]), "fused": {}, "chunked": {},
            "wall_s": {"naive": a["wall_s"]}}
     for name, b in arms.items():
         if name == "naive":
             continue
-        chunk = int(name.split("_")[1])
+        arm, chunk = name.split("_")[0], int(name.split("_")[1])
         rss = (round(b["rss_peak_delta_bytes"] / a["rss_peak_delta_bytes"], 3)
                if a["rss_peak_delta_bytes"] and b["rss_peak_delta_bytes"] else None)
         r = {"chunk_size": chunk, "peak_mib": mib(b[key]), "peak_in_NxV": round(b[key] / nv, 2) if b[key] else None,
              "ratio": round(b[key] / a[key], 3) if a[key] and b[key] else None,
              "rss_peak_delta_mib": mib(b["rss_peak_delta_bytes"]), "rss_ratio": rss,
              "loss_rel_diff_vs_naive": abs(a["loss"] - b["loss"]) / max(1e-12, abs(a["loss"]))}
-        out["chunked"][str(chunk)] = r
+        out[arm][str(chunk)] = r
         out["wall_s"][name] = b["wall_s"]
-        log(f"KD memory N={n} H={h} V={v}: naive {out['naive_peak_mib']} MiB, chunk {chunk}: {r['peak_mib']} MiB, "
+        log(f"KD memory N={n} H={h} V={v}: naive {out['naive_peak_mib']} MiB, {arm} {chunk}: {r['peak_mib']} MiB, "
             f"ratio {r['ratio']} (RSS ratio {rss})")
     return out
 
@@ -520,11 +529,11 @@ def main(argv=None) -> int:
     ap.add_argument("--kd-mem-n", type=int, default=4096)
     ap.add_argument("--kd-mem-h", type=int, default=1024)
     ap.add_argument("--kd-mem-v", type=int, default=32000)
-    ap.add_argument("--kd-mem-chunks", default="1024",
-                    help="comma-separated chunk sizes of the chunked arm, the first is the headline (default "
-                         "1024 = train_student.kd.chunk_size); each adds a ~1-2 min process")
+    ap.add_argument("--kd-mem-chunks", default="512",
+                    help="comma-separated chunk sizes of the fused and chunked arms, the first is the headline (default "
+                         "512 = train_student.kd.chunk_size); each adds two ~1-2 min processes")
     ap.add_argument("--kd-mem-chunk", type=int, default=1024, help=argparse.SUPPRESS)  # internal: one arm of (c)
-    ap.add_argument("--kd-mem-arm", choices=("naive", "chunked"), help=argparse.SUPPRESS)  # internal: one arm of (c)
+    ap.add_argument("--kd-mem-arm", choices=("naive", "chunked", "fused"), help=argparse.SUPPRESS)  # internal: one arm of (c)
     args = ap.parse_args(argv)
     args.kd_mem_chunks = [int(c) for c in args.kd_mem_chunks.split(",") if c.strip()]
 
@@ -583,8 +592,10 @@ def main(argv=None) -> int:
         w = r["num_workers"]
         result[f"loader_over_trainer_w{w}"] = round(r["samples_per_s"] / trainer_sps, 2)
     if mem:
+        result["kd_mem_ratio_fused_over_naive"] = mem["fused"][str(args.kd_mem_chunks[0])]["ratio"]
         result["kd_mem_ratio_chunked_over_naive"] = mem["chunked"][str(args.kd_mem_chunks[0])]["ratio"]
         for c in args.kd_mem_chunks[1:]:
+            result[f"kd_mem_ratio_fused_chunk{c}"] = mem["fused"][str(c)]["ratio"]
             result[f"kd_mem_ratio_chunk{c}"] = mem["chunked"][str(c)]["ratio"]
     result["targets"] = {"kd_step_ratio": "<= 1.15", "loader_over_trainer": ">= 5", "kd_mem_ratio": "<= 0.25"}
     result.update({

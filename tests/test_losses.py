@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llavadi.stages.train_student.losses import (FeatureProjector, chunked_exact_kd_loss, dense_kd_loss, feature_loss,
+                                                 fused_head_loss,
                                                  topk_kd_loss)
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -420,3 +421,126 @@ def test_feature_projector_shapes_and_gradients():
     np.testing.assert_allclose(lin(x).detach().numpy(), x.double().numpy() @ w.T + b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         FeatureProjector(4, 4, kind="conv")
+
+
+# ------------------------------------------------------------ fused head: CE + KD in one pass
+def fused_inputs(n=23, v=40, hs=12, ht=10, k=6, seed=21, bias=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, hs, generator=g) * 1.5).to(dtype)
+    w = (torch.randn(v, hs, generator=g) * 0.7).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.2).to(dtype) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    th = torch.randn(n, ht, generator=g).half()
+    wt = torch.randn(v, ht, generator=g) * 0.8
+    zt = (th.double() @ wt.double().T)
+    lp = torch.log_softmax(zt, -1)
+    ids = torch.argsort(-zt, dim=-1, stable=True)[:, :k]
+    top_lp = lp.gather(-1, ids).float()
+    t_std = zt.std(-1).float()
+    return dict(h=h, w=w, b=b, targets=targets, th=th, wt=wt, ids=ids, top_lp=top_lp, t_std=t_std)
+
+
+def reference_head_loss(x, h, w, b, mode, ce_w, kd_w, kw):
+    """Autograd through the reference losses on full [N, V] logits: the independent path."""
+    z = F.linear(h, w, b)
+    total = z.new_zeros(()).float()
+    ce = F.cross_entropy(z.float(), x["targets"], reduction="sum")
+    if mode == "topk":
+        kd = topk_kd_loss(z, x["ids"], x["top_lp"], teacher_logit_std=x["t_std"], reduction="sum", **kw)
+    else:
+        kd = dense_kd_loss(z, F.linear(x["th"].float(), x["wt"]), reduction="sum", **kw)
+    return total + ce_w * ce + kd_w * kd, ce, kd
+
+
+@pytest.mark.parametrize("mode", ["topk", "exact"])
+@pytest.mark.parametrize("kind,temperature,standardize", [("fkl", 1.0, False), ("fkl", 2.0, False),
+                                                          ("rkl", 1.0, False), ("jsd", 1.5, True), ("fkl", 1.0, True)])
+@pytest.mark.parametrize("ce_w,kd_w,block", [(1.0, 1.0, 5), (0.3, 0.7, 100), (1.0, 0.0, 7), (0.0, 1.0, 23)])
+def test_fused_head_loss_equals_reference_losses(mode, kind, temperature, standardize, ce_w, kd_w, block):
+    x = fused_inputs()
+    kw = dict(kind=kind, beta=0.4, temperature=temperature, standardize=standardize)
+    leaves = [x[key].clone().requires_grad_() for key in ("h", "w", "b")]
+    teacher = (dict(topk_ids=x["ids"], topk_logprobs=x["top_lp"], teacher_logit_std=x["t_std"]) if mode == "topk"
+               else dict(teacher_hidden=x["th"], teacher_head_weight=x["wt"]))
+    total, ce, kd = fused_head_loss(*leaves, targets=x["targets"], ce_weight=ce_w, kd_weight=kd_w, block_rows=block,
+                                    **teacher, **kw)
+    total.backward()
+    ref_leaves = [x[key].clone().requires_grad_() for key in ("h", "w", "b")]
+    ref_total, ref_ce, ref_kd = reference_head_loss(x, *ref_leaves, mode, ce_w, kd_w, kw)
+    ref_total.backward()
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
+    if ce_w:
+        torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-5, atol=1e-5)
+    if kd_w:
+        torch.testing.assert_close(kd, ref_kd.detach(), rtol=1e-5, atol=1e-5)
+    assert not ce.requires_grad and not kd.requires_grad
+    for a, r in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["topk", "exact"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_fused_closed_form_gradient_against_finite_differences(mode, temperature):
+    """float64 gradcheck: the closed-form forward-KL gradient vs numerical differentiation, and the value
+    against the numpy float64 formulas (an independent computation of both)."""
+    x = fused_inputs(n=5, v=9, hs=4, ht=3, k=3, dtype=torch.float64)
+    teacher = (dict(topk_ids=x["ids"], topk_logprobs=x["top_lp"].double()) if mode == "topk"
+               else dict(teacher_hidden=x["th"].double(), teacher_head_weight=x["wt"].double()))
+
+    def fn(h, w, b):
+        return fused_head_loss(h, w, b, targets=x["targets"], ce_weight=0.6, kd_weight=1.3, block_rows=2,
+                               temperature=temperature, **teacher)[0]
+
+    leaves = [x[key].clone().requires_grad_() for key in ("h", "w", "b")]
+    assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+    z = (x["h"] @ x["w"].T + x["b"]).numpy()
+    ce = -np.log(np.take_along_axis(softmax(z), x["targets"].numpy()[:, None], -1)).sum()
+    if mode == "topk":
+        kd = topk_reference(z, x["ids"].numpy(), x["top_lp"].double().numpy(), "fkl", T=temperature)
+    else:
+        zt = x["th"].double().numpy() @ x["wt"].double().numpy().T
+        kd = kl(softmax(zt / temperature), softmax(z / temperature)) * temperature ** 2
+    np.testing.assert_allclose(fn(*leaves).item(), 0.6 * ce + 1.3 * kd.sum(), rtol=1e-7)
+
+
+def test_fused_gradients_finite_when_topk_holds_the_whole_vocabulary():
+    x = fused_inputs(v=8, k=8)
+    leaves = [x[key].clone().requires_grad_() for key in ("h", "w", "b")]
+    total, _, kd = fused_head_loss(*leaves, targets=x["targets"], topk_ids=x["ids"], topk_logprobs=x["top_lp"])
+    total.backward()
+    assert torch.isfinite(total) and all(torch.isfinite(a.grad).all() for a in leaves)
+    z = (x["h"] @ x["w"].T + x["b"]).double().numpy()
+    zt = x["th"].double().numpy() @ x["wt"].double().numpy().T
+    np.testing.assert_allclose(kd.item(), kl(softmax(zt), softmax(z)).sum(), rtol=1e-4)
+
+
+def test_fused_head_loss_keeps_no_n_by_v_tensor():
+    n, v, block = 37, 50, 8
+    x = fused_inputs(n=n, v=v)
+    for teacher in (dict(topk_ids=x["ids"], topk_logprobs=x["top_lp"]), dict(teacher_hidden=x["th"], teacher_head_weight=x["wt"])):
+        leaves = [x[key].clone().requires_grad_() for key in ("h", "w", "b")]
+        with MaxNumel() as fwd:
+            total, _, _ = fused_head_loss(*leaves, targets=x["targets"], block_rows=block, **teacher)
+        with MaxNumel() as bwd:
+            total.backward()
+        assert fwd.max_numel < n * v and (block, v) in fwd.shapes
+        assert bwd.max_numel < n * v and not any(len(s) == 2 and s[1] == v and s[0] != v for s in bwd.shapes)
+
+
+def test_fused_head_loss_without_grad_and_bad_arguments():
+    x = fused_inputs()
+    with torch.no_grad():
+        total, ce, kd = fused_head_loss(x["h"], x["w"], x["b"], targets=x["targets"], topk_ids=x["ids"],
+                                        topk_logprobs=x["top_lp"])
+    ref_total, _, _ = reference_head_loss(x, x["h"], x["w"], x["b"], "topk", 1.0, 1.0, {})
+    torch.testing.assert_close(total, ref_total.detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="targets"):
+        fused_head_loss(x["h"], x["w"], topk_ids=x["ids"], topk_logprobs=x["top_lp"])
+    with pytest.raises(ValueError, match="top-k KD needs"):
+        fused_head_loss(x["h"], x["w"], targets=x["targets"])
+    with pytest.raises(ValueError, match="teacher_logit_std"):
+        fused_head_loss(x["h"], x["w"], targets=x["targets"], topk_ids=x["ids"], topk_logprobs=x["top_lp"],
+                        standardize=True)
+    with pytest.raises(ValueError, match="exact KD needs"):
+        fused_head_loss(x["h"], x["w"], targets=x["targets"], teacher_hidden=x["th"], teacher_head_weight=x["wt"][:5])
