@@ -10,6 +10,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from . import faults
+
 TMP_MARK = ".tmp-"
 
 
@@ -33,6 +35,7 @@ def fsync_dir(path: Path) -> None:
 
 def commit(tmp: Path, final: Path) -> None:
     """fsync ``tmp`` then rename it over ``final``."""
+    faults.maybe_inject_current("commit")  # tests: a write failing like a full disk (ENOSPC)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)

@@ -4,15 +4,19 @@
   as Ray: both call ``stage.execute_shard``.
 - ``RayExecutor``: ``run.num_workers`` Ray actors, each calling ``stage.setup`` once (a model
   loads once per actor) and then taking shards. An actor that dies (OOM kill, pre-emption,
-  node loss) is replaced and its shard retried up to ``run.max_retries`` times; an exception
+  node loss) is replaced and its shard retried up to ``run.max_retries`` times (only the shard
+  that was running is charged a retry; shards queued behind it go again freely); an exception
   inside a shard is a result, not a death, and is not retried here (the next launch retries).
-  Tasks are pulled from the stage's plan lazily, at most 2 per actor in flight, so the driver's
-  memory stays flat however many shards there are.
+  Shards go only to actors that are placed and set up, so a replacement waiting for resources
+  after a node loss holds no work. Tasks are pulled from the stage's plan lazily, at most 2 per
+  actor in flight, so the driver's memory stays flat however many shards there are.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import time
 from collections import deque
 from typing import Any, Iterable, Iterator
 
@@ -104,16 +108,31 @@ class RayExecutor:
             it = iter(tasks)
             pending: deque[ShardTask] = deque()  # retries go first
             attempts: dict[int, int] = {}
-            in_flight: dict[Any, tuple[Any, ShardTask]] = {}  # ref -> (actor, task)
+            in_flight: dict[Any, tuple[Any, ShardTask, int]] = {}  # ref -> (actor, task, submission no.)
+            submitted = itertools.count()
+            starting: dict[Any, Any] = {}  # __ray_ready__ ref -> actor not placed / set up yet
             actors: list[Any] = []
+            ready: set[Any] = set()
             load: dict[Any, int] = {}
             exhausted = False
+            waited_since = None
+            start_deaths = 0
 
             def new_actor():
                 a = actor_cls.remote(stage, ctx)
                 actors.append(a)
                 load[a] = 0
-                return a
+                starting[a.__ray_ready__.remote()] = a
+
+            def drop(actor):
+                if actor in actors:
+                    actors.remove(actor)
+                    load.pop(actor, None)
+                    ready.discard(actor)
+                    try:
+                        ray.kill(actor)
+                    except Exception:  # noqa: BLE001
+                        pass
 
             def next_task():
                 nonlocal exhausted
@@ -128,10 +147,13 @@ class RayExecutor:
                     return None
 
             def fill():
+                # Shards go only to actors that are placed and set up: after a node is lost, a
+                # replacement may wait for resources that never come back, and shards queued on
+                # it would wait with it while the surviving actors sit idle.
                 while True:
                     if len(actors) < res["num_workers"] and (pending or not exhausted):
                         new_actor()
-                    free = [a for a in actors if load[a] < 2]
+                    free = [a for a in actors if a in ready and load[a] < 2]
                     if not free:
                         return
                     task = next_task()
@@ -140,33 +162,64 @@ class RayExecutor:
                     a = min(free, key=lambda x: load[x])
                     ref = a.run.remote(task)
                     load[a] += 1
-                    in_flight[ref] = (a, task)
+                    in_flight[ref] = (a, task, next(submitted))
+
+            def work_left():
+                return bool(in_flight) or bool(pending) or not exhausted
 
             fill()
-            while in_flight:
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                ref = ready[0]
-                actor, task = in_flight.pop(ref)
+            while in_flight or (starting and work_left()):
+                done, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=60)
+                if not done:
+                    if not in_flight:
+                        waited_since = waited_since or time.time()
+                        log.warning("waiting %.0f s for cluster resources to start %d worker(s) (%s each)",
+                                    time.time() - waited_since, len(starting), res)
+                    continue
+                waited_since = None
+                ref = done[0]
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        ready.add(actor)
+                    except (RayActorError, WorkerCrashedError, ObjectLostError, NodeDiedError) as e:
+                        drop(actor)
+                        start_deaths += 1
+                        if start_deaths > (self.run_cfg.max_retries + 1) * res["num_workers"]:
+                            raise RuntimeError(f"{start_deaths} workers died while starting (last: {e}); check "
+                                               f"the workers' logs (out of memory? a node lost?) and rerun") from e
+                        log.warning("a worker died while starting (%s); starting another", type(e).__name__)
+                    fill()
+                    continue
+                actor, task, seq = in_flight.pop(ref)
                 load[actor] = max(0, load.get(actor, 1) - 1)
                 try:
                     yield ray.get(ref)
                 except (RayActorError, WorkerCrashedError, ObjectLostError, NodeDiedError) as e:
-                    # the process holding the shard died: replace the actor, retry the shard
-                    if actor in actors:
-                        actors.remove(actor)
-                        load.pop(actor, None)
-                        try:
-                            ray.kill(actor)
-                        except Exception:  # noqa: BLE001
-                            pass
-                    n = attempts.get(task.index, 0) + 1
-                    attempts[task.index] = n
-                    if n <= self.run_cfg.max_retries:
-                        log.warning("shard %05d: worker died (%s); retry %d/%d", task.index,
-                                    type(e).__name__, n, self.run_cfg.max_retries)
-                        pending.append(task)
-                    else:
-                        yield ShardResult(task.index, False, error=f"worker died {n} times: {e}")
+                    # The process died: every shard sent to it comes back. Ray runs an actor's tasks
+                    # in order, so the oldest unfinished one was running and takes the blame (a retry
+                    # counts against it); the others were only queued behind it and go again freely.
+                    lost = [(seq, task)]
+                    for r in [r for r, (a, _, _) in in_flight.items() if a is actor]:
+                        _, t, s = in_flight.pop(r)
+                        lost.append((s, t))
+                    lost = [t for _, t in sorted(lost, key=lambda x: x[0])]
+                    drop(actor)
+                    blamed = next((t for t in lost if not ctx.stage.is_done(t.index, ctx.fingerprint)), None)
+                    for t in reversed(lost):
+                        if t is blamed:
+                            continue
+                        pending.appendleft(t)
+                    if blamed is not None:
+                        n = attempts.get(blamed.index, 0) + 1
+                        attempts[blamed.index] = n
+                        if n <= self.run_cfg.max_retries:
+                            log.warning("shard %05d: worker died (%s); retry %d/%d", blamed.index,
+                                        type(e).__name__, n, self.run_cfg.max_retries)
+                            pending.append(blamed)
+                        else:
+                            yield ShardResult(blamed.index, False, error=f"worker died {n} times: {e}")
                 fill()
             for a in actors:
                 ray.kill(a)

@@ -35,6 +35,10 @@ STAGE_COMMAND = {
 }
 
 
+class CorruptShardError(RuntimeError):
+    """A finished shard's data file no longer matches its ``_done`` marker."""
+
+
 def shard_name(i: int) -> str:
     return f"{i:05d}"
 
@@ -91,6 +95,24 @@ class StageDir:
         if not p.exists():
             return None
         return json.loads(p.read_text())
+
+    def verify_shard(self, i: int) -> None:
+        """Check shard ``i``'s data file against the sha256 its ``_done`` marker recorded when it was
+        made; ``CorruptShardError`` names the file and the fix (truncated, bit-flipped, missing)."""
+        marker = self.read_done(i)
+        if not marker or not marker.get("data_file") or not marker.get("sha256"):
+            return
+        path = self.path / marker["data_file"]
+        problem = None
+        if not path.exists():
+            problem = "is missing"
+        elif atomic.sha256_path(path) != marker["sha256"]:
+            problem = "is corrupt (its sha256 differs from the one recorded when it was written)"
+        if problem:
+            raise CorruptShardError(
+                f"shard file {path} {problem}. Delete {self.done_file(i)} and rerun "
+                f"`llavadi {STAGE_COMMAND.get(self.name, self.name)}` on this run: it rebuilds only that shard "
+                f"(then rerun the stages after it).")
 
     def is_done(self, i: int, fingerprint: str) -> bool:
         d = self.read_done(i)

@@ -4,6 +4,7 @@ locks, skipping done shards, executors, completion markers, status.
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -84,7 +85,14 @@ def execute_shard(stage: Stage, ctx: StageContext, state: Any, task: ShardTask) 
     """Run one shard and write its ``_done`` marker last. An exception fails this shard only;
     a dying process is the executor's business (retry)."""
     t0 = time.time()
+    # a retried shard may have finished already: its worker died after writing the done marker
+    # but before the driver got the result. Execution is at-least-once; the marker makes it once.
+    if ctx.stage.is_done(task.index, ctx.fingerprint):
+        return ShardResult(task.index, True, counts=ctx.stage.read_done(task.index).get("counts", {}))
     try:
+        faults.set_current(stage.name, task.index)
+        if ctx.upstream is not None and task.payload == str(ctx.upstream.data_file(task.index)):
+            ctx.upstream.verify_shard(task.index)  # the upstream shard read is the one that was written
         faults.maybe_inject(stage.name, task.index, "start")
         out = stage.process(ctx, state, task)
         faults.maybe_inject(stage.name, task.index, "before-done")
@@ -96,7 +104,12 @@ def execute_shard(stage: Stage, ctx: StageContext, state: Any, task: ShardTask) 
         return ShardResult(task.index, True, counts=out.counts, seconds=seconds)
     except Exception as e:  # noqa: BLE001 - one bad shard must not stop the others
         tb = traceback.format_exc(limit=6)
-        return ShardResult(task.index, False, error=f"{type(e).__name__}: {e}\n{tb}", seconds=time.time() - t0)
+        hint = ""
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = f" — disk full under {ctx.stage.path}: free space there, then rerun the same command"
+        return ShardResult(task.index, False, error=f"{type(e).__name__}: {e}{hint}\n{tb}", seconds=time.time() - t0)
+    finally:
+        faults.set_current(None, None)
 
 
 def plan_from_upstream(ctx: StageContext, is_done: Callable[[int], bool]) -> Iterator[ShardTask | int]:

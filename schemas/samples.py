@@ -113,6 +113,9 @@ def check_image(image_root: Path, rel, decode: bool) -> str:
     """Return the sha256 of the image file, or raise ``Reject``."""
     if not isinstance(rel, str) or not rel.strip():
         raise Reject("bad_image_field", f"image is {rel!r}")
+    if Path(rel).is_absolute() or ".." in Path(rel).parts or "\0" in rel:
+        # never read outside image_root, whatever a record says
+        raise Reject("bad_image_field", f"image {rel[:200]!r} is not a relative path inside image_root")
     path = Path(image_root) / rel
     try:
         data = path.read_bytes()

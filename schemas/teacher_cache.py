@@ -90,7 +90,7 @@ from typing import Any, Iterable, Iterator, Literal, Optional
 
 import numpy as np
 
-from ..pipeline import atomic
+from ..pipeline import atomic, faults
 
 SCHEMA_VERSION = 1
 INDEX_NAME = "index.json"
@@ -467,6 +467,7 @@ def _publish(tmp: Path, final: Path) -> None:
     if tmp.is_file():
         atomic.commit(tmp, final)
         return
+    faults.maybe_inject_current("commit")  # tests: a failing write (ENOSPC) of a directory store
     old = None
     if final.exists():  # directories cannot be replaced in one rename: move the old one aside
         old = final.with_name(f"{final.name}{atomic.TMP_MARK}old-{socket.gethostname()}-{os.getpid()}")

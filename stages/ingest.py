@@ -57,8 +57,9 @@ def read_raw(path: str) -> Iterator[dict]:
                     continue
                 try:
                     rec = json.loads(text)
-                except json.JSONDecodeError as e:
-                    yield {"source": src, "reject": "malformed_json", "detail": str(e), "raw": text[:RAW_PREVIEW_CHARS]}
+                except (json.JSONDecodeError, RecursionError) as e:
+                    detail = "nested too deeply to parse" if isinstance(e, RecursionError) else str(e)
+                    yield {"source": src, "reject": "malformed_json", "detail": detail, "raw": text[:RAW_PREVIEW_CHARS]}
                     continue
                 yield {"source": src, "record": rec}
     elif kind == "json":
@@ -69,7 +70,7 @@ def read_raw(path: str) -> Iterator[dict]:
             try:
                 for i, rec in enumerate(ijson.items(f, "item", use_float=True)):
                     yield {"source": f"{name}#{i}", "record": rec}
-            except (ijson.JSONError, UnicodeDecodeError, ValueError) as e:
+            except (ijson.JSONError, UnicodeDecodeError, ValueError, RecursionError) as e:
                 reason = "not_utf8" if isinstance(e, UnicodeDecodeError) or "utf" in str(e).lower() else "malformed_json"
                 yield {"source": f"{name}#{i + 1}", "reject": reason,
                        "detail": f"{e}; the rest of {name} after record {i + 1} cannot be read", "raw": ""}

@@ -110,6 +110,7 @@ def stream_samples(run_dir: Path, tokenizer, st: StudentTokens, rejects: Optiona
     reader = CacheReader(cache_dir)
     src = StageDir(Path(run_dir), reader.meta.get("source", "regenerate"))
     for entry in reader.shards:
+        src.verify_shard(entry["shard"])  # the source rows are the ones the cache was made from
         rows = {r["id"]: r for r in iter_samples(src.data_file(entry["shard"]))}
         for s in reader.iter_shard(entry):
             row = rows.get(s["sample_id"])
