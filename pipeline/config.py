@@ -87,6 +87,10 @@ class TeacherConfig:
     num_actors: int = 1  # engine replicas (Ray actors), each loads the teacher once
     gpus_per_actor: float = 0.0  # 0 on CPU; = tensor_parallel_size on GPU machines
     cpus_per_actor: float = 1.0
+    # regenerate's vLLM engine: None = eager on CPU (torch.compile costs ~1 min at start and gained
+    # 0-20% on a 164M teacher here), vLLM's default on GPU (compiled + CUDA graphs). cache-teacher
+    # is always eager (its hook must run on every forward).
+    enforce_eager: Optional[bool] = None
 
     def validate(self) -> list[str]:
         p = []
