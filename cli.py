@@ -158,12 +158,20 @@ def train_student(run: Path = RunArg, overrides: Optional[List[str]] = Overrides
     cfg = _resolve_or_print(run, config, flags, overrides, dry_run)
     if cfg is None:
         return
+    from .pipeline.rundir import CorruptShardError
+    from .schemas.teacher_cache import CacheCorruptError
     from .stages.train_student.loop import train
 
     try:
         res = train(run, cfg, force=force, progress=_progress())
     except (StageError, LockedError) as e:
         _fail(str(e), 2)
+    except CorruptShardError as e:
+        _fail(f"train-student stopped on a corrupt input: {e} Training resumes from its last checkpoint.", 1)
+    except CacheCorruptError as e:
+        _fail(f"train-student stopped on a corrupt teacher cache: {e}\nDelete that shard's marker in "
+              f"{Path(run) / 'cache_teacher' / '_done'}/ and rerun `llavadi cache-teacher` on this run (it rebuilds "
+              f"only that shard), then this command: training resumes from its last checkpoint.", 1)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"train-student: {res['steps']} steps; final checkpoint {res['final_checkpoint']}; "
                    f"samples used {res['scan']['valid']}, rejected {sum(res['scan']['rejected'].values())}")
