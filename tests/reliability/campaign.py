@@ -2,6 +2,7 @@
 relaunch until it completes."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -20,16 +21,16 @@ def launch(args: list, env: dict | None = None) -> subprocess.Popen:
                             env={**os.environ, **(env or {})})
 
 
-def kill_at(args: list, reached: Callable[[], bool], delay: float, timeout: float = 600,
+def kill_at(args: list, reached: Callable[[subprocess.Popen], bool], delay: float, timeout: float = 600,
             env: dict | None = None) -> int:
-    """Launch; once ``reached()`` holds, wait ``delay`` s more and SIGKILL the process group.
+    """Launch; once ``reached(proc)`` holds, wait ``delay`` s more and SIGKILL the process group.
     Returns the exit status (``-SIGKILL`` when the kill landed, 0 when it finished first)."""
     proc = launch(args, env)
     t0 = time.time()
     fire_at = None
     while proc.poll() is None and time.time() - t0 < timeout:
         now = time.time()
-        if fire_at is None and reached():
+        if fire_at is None and reached(proc):
             fire_at = now + delay
         if fire_at is not None and now >= fire_at:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -47,17 +48,28 @@ def kill_at(args: list, reached: Callable[[], bool], delay: float, timeout: floa
     return rc
 
 
+def holds_lock(lock: Path) -> Callable[[subprocess.Popen], bool]:
+    """True once the launched process holds the stage lock: its config is resolved, its
+    preflight passed, and the stage is starting work (model loads, plan, shards)."""
+    def check(proc: subprocess.Popen) -> bool:
+        try:
+            return json.loads(lock.read_text()).get("pid") == proc.pid
+        except (FileNotFoundError, ValueError):
+            return False
+    return check
+
+
 @dataclass
 class Campaign:
-    """``kills`` SIGKILLs at random moments (seeded): moment ``j`` is when the stage's progress
-    counter first reaches ``targets[j]`` (sorted draws from ``[0, units)``, so every launch
-    can make progress) plus a random delay of up to ``unit_s`` (so kills land anywhere inside a
-    unit of work: mid-shard, mid-step, during start-up or the commit)."""
+    """``kills`` SIGKILLs at random moments (seeded): each launch is killed a random delay,
+    uniform in ``[0, window_s)``, after it takes the stage lock — so kills land anywhere in the
+    stage's work (model load, planning, mid-shard or mid-step, a commit, a checkpoint), each
+    launch getting a little further than the last. Then the caller runs the command to the end."""
 
     args: list
+    lock: Path
     progress: Callable[[], int]
-    units: int
-    unit_s: float
+    window_s: float
     seed: int
     kills: int = 10
     env: dict = field(default_factory=dict)
@@ -65,11 +77,11 @@ class Campaign:
 
     def run(self) -> list:
         rng = random.Random(self.seed)
-        targets = sorted(rng.randrange(0, max(1, self.units)) for _ in range(self.kills))
-        for target in targets:
-            delay = rng.uniform(0.0, self.unit_s)
-            rc = kill_at(self.args, lambda: self.progress() >= target, delay, env=self.env)
-            self.log.append({"target": target, "delay_s": round(delay, 3), "rc": rc, "progress": self.progress()})
+        for _ in range(self.kills):
+            delay = rng.uniform(0.0, self.window_s)
+            before = self.progress()
+            rc = kill_at(self.args, holds_lock(self.lock), delay, env=self.env)
+            self.log.append({"delay_s": round(delay, 3), "rc": rc, "progress": [before, self.progress()]})
             if rc == 0:
                 break
         return self.log
@@ -78,15 +90,45 @@ class Campaign:
     def killed(self) -> int:
         return sum(e["rc"] == -signal.SIGKILL for e in self.log)
 
+    @property
+    def killed_mid_work(self) -> int:
+        """Kills of launches that had finished some unit of work (a shard, a step) before dying."""
+        return sum(e["rc"] == -signal.SIGKILL and e["progress"][1] > e["progress"][0] for e in self.log)
+
 
 def count_files(d: Path, pattern: str) -> Callable[[], int]:
     return lambda: len(list(d.glob(pattern))) if d.exists() else 0
 
 
-def count_lines(f: Path) -> Callable[[], int]:
-    def n() -> int:
-        try:
-            return f.read_bytes().count(b"\n")
-        except FileNotFoundError:
-            return 0
-    return n
+def timeline(args: list, lock: Path, progress: Callable[[], int], timeout: float = 900,
+             env: dict | None = None) -> dict:
+    """Run ``args`` uninterrupted; seconds from taking the stage lock to the first unit of work
+    (``first_s``: model load / planning + one shard or step) and to the end (``work_s``)."""
+    proc = launch(args, env)
+    t0 = time.time()
+    t_lock = t_first = None
+    start = progress()
+    while proc.poll() is None:
+        now = time.time()
+        if now - t0 > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"llavadi {args[0]} did not finish in {timeout} s")
+        if t_lock is None and holds_lock(lock)(proc):
+            t_lock = now
+        if t_lock is not None and t_first is None and progress() > start:
+            t_first = now
+        time.sleep(0.005)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise AssertionError(f"llavadi {args[0]} exited {proc.returncode}:\n{err[-3000:]}")
+    end = time.time()
+    t_lock = t_lock or t0
+    t_first = t_first or end
+    return {"first_s": t_first - t_lock, "work_s": end - t_lock, "units": progress() - start}
+
+
+def kill_window(t: dict) -> float:
+
+    per_unit = (t["work_s"] - t["first_s"]) / max(1, t["units"] - 1)
+    return t["first_s"] + 2 * per_unit

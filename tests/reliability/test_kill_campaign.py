@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from campaign import Campaign, count_files, count_lines  # noqa: E402
+from campaign import Campaign, count_files, kill_window, timeline  # noqa: E402
 from conftest import cli, tree_bytes  # noqa: E402
 
 pytestmark = pytest.mark.reliability
@@ -26,8 +25,11 @@ TRAIN = ["train_student.batch_size=8", "train_student.micro_batch_size=4", "trai
          "train_student.max_steps=10"]
 
 
-def stage_args(stage: str, run: Path, env: dict) -> list:
+def stage_args(stage: str, run: Path, env: dict, big: bool = False) -> list:
     if stage == "ingest":
+        if big:  # the campaign on ingest itself: shards of ~0.1 s, so kills can land inside them
+            return ["ingest", run, "--input", env["big"], "--image-root", env["big_root"], "--shard-size", 60,
+                    "--executor", "local"]
         return ["ingest", run, "--input", env["train"], "--image-root", env["root"], "--shard-size", SHARD,
                 "--executor", "local"]
     if stage == "regenerate":
@@ -37,6 +39,11 @@ def stage_args(stage: str, run: Path, env: dict) -> list:
     return ["train-student", run, "--student", env["student"], *TRAIN]
 
 
+# ingest does ~20 ms of work per shard here, too little for kills to land inside shards: the
+# campaign stretches the two windows that matter (before a shard's work, and between its data
+# file's rename and its done marker) with sleeps; the bytes written are the same.
+SLOW = {"ingest": {"LLAVADI_FAULTS": "ingest:*:sleep0.05:start,ingest:*:sleep0.05:before-done"}}
+
 DIRS = {"ingest": "data", "regenerate": "regenerate", "cache-teacher": "cache_teacher", "train-student": "train_student"}
 ORDER = list(DIRS)
 
@@ -45,23 +52,39 @@ ORDER = list(DIRS)
 def pipeline(tmp_path_factory, synth, tiny_teacher):
     """The uninterrupted reference: every stage run once, each in its own copy of the run dir,
     with its wall time."""
+    from llavadi.stages.demo.synthetic_vqa import generate
     from llavadi.stages.demo.tiny_models import STUDENT, build_tiny_llava
 
     root = tmp_path_factory.mktemp("campaign")
     env = {"train": synth[0], "root": synth[1], "teacher": tiny_teacher,
-           "student": build_tiny_llava(root / "student", STUDENT)}
-    refs, seconds = {}, {}
+           "student": build_tiny_llava(root / "student", STUDENT),
+           "big": generate(root / "big", 1200, seed=5), "big_root": root / "big"}
+    refs, times = {}, {}
     prev = None
     for stage in ORDER:
         run = root / f"ref-{stage}"
         if prev is not None:
             shutil.copytree(prev, run)
-        t0 = time.time()
-        cli(*stage_args(stage, run, env), timeout=900)
-        seconds[stage] = time.time() - t0
+        times[stage] = timeline(stage_args(stage, run, env), run / DIRS[stage] / "_lock.json", progress_of(stage, run))
         refs[stage] = run
         prev = run
-    return env, refs, seconds
+    run = root / "ref-ingest-big"
+    times["ingest-big"] = timeline(stage_args("ingest", run, env, big=True), run / "data" / "_lock.json",
+                                   progress_of("ingest", run), env=SLOW["ingest"])
+    refs["ingest-big"] = run
+    return env, refs, times
+
+
+def progress_of(stage: str, run: Path):
+    """Units of work kept: done shards, or the step of the newest checkpoint."""
+    d = run / DIRS[stage]
+    if stage != "train-student":
+        return count_files(d / "_done", "*.json")
+
+    def step() -> int:
+        steps = [int(p.name.split("_")[1]) for p in (d / "checkpoints").glob("step_*") if p.name[5:].isdigit()]
+        return max(steps, default=0)
+    return step
 
 
 def final_state(run: Path) -> dict:
@@ -79,21 +102,21 @@ def final_state(run: Path) -> dict:
 @pytest.mark.parametrize("stage,seed", [("ingest", 101), ("regenerate", 202), ("cache-teacher", 303),
                                         ("train-student", 404)])
 def test_ten_random_sigkills_then_identical_outputs(pipeline, tmp_path, stage, seed):
-    env, refs, seconds = pipeline
+    env, refs, times = pipeline
     i = ORDER.index(stage)
     run = tmp_path / "run"
     if i > 0:
         shutil.copytree(refs[ORDER[i - 1]], run)
     d = run / DIRS[stage]
-    if stage == "train-student":
-        progress, units = count_lines(d / "metrics.jsonl"), 10
-    else:
-        progress = count_files(d / "_done", "*.json")
-        units = len(list((refs[stage] / DIRS[stage] / "_done").glob("*.json")))
-    args = stage_args(stage, run, env)
-    c = Campaign(args, progress, units=units, unit_s=seconds[stage] / units, seed=seed)
+    args = stage_args(stage, run, env, big=stage == "ingest")
+    ref_key = "ingest-big" if stage == "ingest" else stage
+    # each launch dies a random delay after taking the stage lock, up to the reference run's
+    # time to its first unit of work plus four more units: ten kills spread over the whole stage
+    c = Campaign(args, d / "_lock.json", progress_of(stage, run), window_s=kill_window(times[ref_key]),
+                 seed=seed, env=SLOW.get(stage, {}))
     log = c.run()
     assert c.killed >= 10, log  # ten kills really landed before the stage could finish
+    assert c.killed_mid_work >= 2, log  # and not all of them before any work was kept
     cli(*args, timeout=900)  # the same command, to the end
     if stage == "train-student":
         got, ref = final_state(run), final_state(refs[stage])
@@ -102,6 +125,6 @@ def test_ten_random_sigkills_then_identical_outputs(pipeline, tmp_path, stage, s
         assert all(torch.equal(got["weights"][k], ref["weights"][k]) for k in ref["weights"])
         assert all(torch.equal(got["projector"][k], ref["projector"][k]) for k in ref["projector"])
     else:
-        got, ref = tree_bytes(d), tree_bytes(refs[stage] / DIRS[stage])
+        got, ref = tree_bytes(d), tree_bytes(refs[ref_key] / DIRS[stage])
         assert sorted(got) == sorted(ref)
         assert [k for k in ref if got[k] != ref[k]] == [], log
