@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -18,12 +19,26 @@ from .pipeline.config import ConfigError, dump_yaml
 from .pipeline.locks import LockedError
 from .pipeline.runner import StageError, StageFailed, run_stage
 from .pipeline.session import resolve
-from .pipeline import status as status_mod
+from .pipeline import remote, status as status_mod
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Offline, staged knowledge distillation for LLaVA-style multimodal LLMs.")
 
-RunArg = typer.Argument(..., help="run directory (created if missing)")
+def _run_dir(value: Path) -> Path:
+    """A run directory: a local path or a file:// URL (Path() has folded its '//'). Object-store
+    URLs are refused: shards are committed by atomic rename, which they lack."""
+    text = str(value)
+    if text.startswith("file:"):
+        return Path("/" + text[len("file:"):].lstrip("/"))
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.\-]*:/", text):
+        raise typer.BadParameter(
+            f"{text.split(':')[0]}:// run directories are not supported: shards are committed by atomic rename, "
+            "which object stores lack. Use a local, NFS or FUSE-mounted path; to train from a cache in a "
+            "bucket use train_student.cache_from=URL")
+    return value
+
+
+RunArg = typer.Argument(..., help="run directory (created if missing; a path or file:// URL)", callback=_run_dir)
 OverridesArg = typer.Argument(None, help="config overrides key=value, e.g. ingest.shard_size=500")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (sections per stage)")
 ExecutorOpt = typer.Option(None, "--executor", help="ray (default) or local (in-process)")
@@ -101,9 +116,12 @@ def ingest(run: Path = RunArg, overrides: Optional[List[str]] = OverridesArg,
 
     flags = _run_flags(executor, ray_address)
     if input:
-        flags.append("ingest.inputs=" + json.dumps([os.path.abspath(p) for p in input]))
+        flags.append("ingest.inputs=" + json.dumps([p if remote.scheme(p) else os.path.abspath(p) for p in input]))
     if image_root:
-        flags.append("ingest.image_root=" + json.dumps(os.path.abspath(image_root)))
+        if remote.is_remote(image_root):
+            _fail(f"--image-root {image_root}: must be a local directory or file:// URL (every stage reads the "
+                  f"images; mount a bucket with a FUSE driver such as s3fs/gcsfuse)", 2)
+        flags.append("ingest.image_root=" + json.dumps(os.path.abspath(remote.local_path(image_root))))
     if shard_size is not None:
         flags.append(f"ingest.shard_size={shard_size}")
     _stage_command(STAGE, run, config, flags, overrides, force, dry_run)

@@ -5,7 +5,9 @@ run in its own process with this interpreter, from the repository root; its stdo
 non-empty line must be one JSON object. The results go to ``benchmarks/results.json`` as
 ``{"timestamp", "machine", "runtimes_s", <script name>: <its JSON>, ...}`` and a markdown
 table of the scalar figures is printed. A script that fails or prints no JSON is recorded as
-``{"error": ...}`` and the exit status is 1; the others still run.
+``{"error": ...}`` and the exit status is 1; the others still run. After a full run (no
+``--only``) the README's figures table (between the ``bench-table`` markers) is rewritten from
+the results by ``_figures.render``.
 
 Usage: ``.venv/bin/python benchmarks/run_all.py [--only ingest,...] [--out FILE] [--timeout S]``
 (``make bench`` runs it with defaults).
@@ -17,6 +19,7 @@ from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
 from _common import machine_info  # noqa: E402
+from _figures import render, update_readme  # noqa: E402
 
 import argparse
 import datetime as dt
@@ -108,7 +111,15 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated script names (without .py) to run")
     ap.add_argument("--out", default=str(HERE / "results.json"), help="results file (default benchmarks/results.json)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per script (default 1800)")
+    ap.add_argument("--readme", default=str(REPO / "README.md"),
+                    help="README whose figures block is rewritten after a full run ('' to leave it)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite the README block from the existing results file, run nothing")
     args = ap.parse_args(argv)
+    if args.render_only:
+        results = json.loads(Path(args.out).read_text())
+        print(render(results))
+        return 0 if update_readme(Path(args.readme), results) else 1
 
     scripts = discover()
     if args.only:
@@ -135,6 +146,11 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
     print(f"\nwritten: {out}" + (f"; FAILED: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    if args.readme and not args.only:  # only a full run may replace the README's figures
+        if update_readme(Path(args.readme), results):
+            print(f"figures table written into {args.readme}", file=sys.stderr)
+        else:
+            print(f"{args.readme} has no bench-table markers; table not written", file=sys.stderr)
     return 1 if failed else 0
 
 

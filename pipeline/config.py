@@ -229,6 +229,9 @@ class TrainStudentConfig:
     save_every_steps: int = 100
     keep_checkpoints: int = 2
     log_every_steps: int = 1
+    # a run directory (path or fsspec URL) whose finished cache_teacher/ and its source shards are
+    # pulled into this run before training (students train away from the teacher's machine)
+    cache_from: Optional[str] = None
     log_sample_ids: bool = False  # each rank logs the ids of its samples per step (audit of DDP sharding)
 
     def validate(self) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from ..pipeline import atomic
+from ..pipeline import atomic, remote
 from ..pipeline.config import LlavadiConfig
 from ..pipeline.stage import ShardOutput, ShardTask, StageContext
 from ..schemas.samples import Reject, validate_record, write_samples
@@ -30,7 +30,7 @@ def _kind(path: str) -> Optional[str]:
 
 
 def _first_byte(path: str) -> bytes:
-    with open(path, "rb") as f:
+    with remote.open_binary(path) as f:
         while True:
             b = f.read(1)
             if not b or not b.isspace():
@@ -44,7 +44,7 @@ def read_raw(path: str) -> Iterator[dict]:
     name = Path(path).name
     kind = _kind(path)
     if kind == "jsonl":
-        with open(path, "rb") as f:
+        with remote.open_binary(path) as f:
             for lineno, line in enumerate(f, start=1):
                 src = f"{name}:{lineno}"
                 if not line.strip():
@@ -66,7 +66,7 @@ def read_raw(path: str) -> Iterator[dict]:
         import ijson
 
         i = -1
-        with open(path, "rb") as f:
+        with remote.open_binary(path) as f:
             try:
                 for i, rec in enumerate(ijson.items(f, "item", use_float=True)):
                     yield {"source": f"{name}#{i}", "record": rec}
@@ -77,12 +77,13 @@ def read_raw(path: str) -> Iterator[dict]:
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
-        i = 0
-        for batch in pf.iter_batches(batch_size=1024):
-            for rec in batch.to_pylist():
-                yield {"source": f"{name}#{i}", "record": rec}
-                i += 1
+        with remote.open_binary(path) as f:
+            pf = pq.ParquetFile(f)
+            i = 0
+            for batch in pf.iter_batches(batch_size=1024):
+                for rec in batch.to_pylist():
+                    yield {"source": f"{name}#{i}", "record": rec}
+                    i += 1
     else:  # preflight refuses these; kept for direct callers
         raise ValueError(f"{path}: unknown input type")
 
@@ -105,7 +106,12 @@ class IngestStage:
         if not c.inputs:
             p.append("no input: pass --input FILE (LLaVA .json list, .jsonl or .parquet)")
         for f in c.inputs:
-            if not os.path.isfile(f):
+            try:
+                exists = remote.is_file(f)
+            except RuntimeError as e:  # a URL whose fsspec backend is not installed
+                p.append(str(e))
+                continue
+            if not exists:
                 p.append(f"input {f} does not exist or is not a file")
             elif _kind(f) is None:
                 p.append(f"input {f}: unknown type; use .json (a list of records), .jsonl or .parquet")
@@ -120,11 +126,11 @@ class IngestStage:
 
     def material(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
         c = asdict(cfg.ingest)
-        c["inputs"] = [os.path.abspath(f) for f in cfg.ingest.inputs]
+        c["inputs"] = [remote.canonical(f) for f in cfg.ingest.inputs]
         c["image_root"] = os.path.abspath(cfg.ingest.image_root) if cfg.ingest.image_root else None
         # a changed input file changes the shards: its size is a cheap identity (hashing a
         # 1 GB JSON on every launch is not)
-        c["input_bytes"] = [os.path.getsize(f) if os.path.exists(f) else None for f in cfg.ingest.inputs]
+        c["input_bytes"] = [remote.size(f) for f in cfg.ingest.inputs]
         return c
 
     def plan(self, ctx: StageContext, is_done: Callable[[int], bool]) -> Iterator[ShardTask | int]:

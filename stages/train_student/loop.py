@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ...pipeline import atomic
+from ...pipeline import atomic, remote
 from ...pipeline.checkpoints import rename_for_vllm
 from ...pipeline.config import LlavadiConfig, changed_keys, fingerprint
 from ...pipeline.locks import StageLock
@@ -99,8 +99,9 @@ def init_distributed() -> tuple[int, int, bool]:
 
 def material(cfg: LlavadiConfig) -> dict:
     c = asdict(cfg.train_student)
-    for k in ("num_workers", "save_every_steps", "keep_checkpoints", "log_every_steps", "log_sample_ids"):
-        c.pop(k)  # how it runs, not what it computes
+    for k in ("num_workers", "save_every_steps", "keep_checkpoints", "log_every_steps", "log_sample_ids",
+              "cache_from"):
+        c.pop(k)  # how it runs, not what it computes (a pulled cache is checked by its own fingerprint)
     return {"train_student": c, "student_dir": os.path.abspath(cfg.train_student.student or ""),
             "image_root": cfg.ingest.image_root}
 
@@ -239,9 +240,22 @@ def _truncate_metrics(path: Path, upto_step: int) -> None:
 # ----------------------------------------------------------------------------- main entry
 
 
+def pull_cache(run_dir: Path, src: str) -> int:
+    """Pull ``src``'s finished ``cache_teacher/`` and the sample shards it was made from into
+    ``run_dir`` (``remote.pull_stage``: only missing files; every shard verified). Returns files copied."""
+    n = remote.pull_stage(src, "cache_teacher", run_dir)
+    source = CacheReader(run_dir / "cache_teacher", verify=False).meta.get("source", "regenerate")
+    return n + remote.pull_stage(src, source, run_dir)
+
+
 def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     rank, world, own_group = init_distributed()
+    if cfg.train_student.cache_from:
+        if rank == 0:
+            pull_cache(run_dir, cfg.train_student.cache_from)
+        if world > 1:
+            dist.barrier()
     problems, up_fp = preflight(run_dir, cfg)
     if problems:
         raise StageError("train-student: cannot start:\n  " + "\n  ".join(problems))

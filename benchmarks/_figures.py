@@ -1,0 +1,85 @@
+"""The README's figures table, rendered from ``benchmarks/results.json`` (``run_all.py`` writes
+both). Each row names the figure, the JSON key it comes from and the target; a missing figure
+shows as "—" (its script failed or was not run), never as a stale number."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+START, END = "<!-- bench-table:start (make bench writes this block) -->", "<!-- bench-table:end -->"
+
+# (script, key in its JSON, figure, target shown, format)
+FIGURES = [
+    ("ingest", "rss_ratio_100k_over_10k", "ingest peak RSS, 100k ÷ 10k records", "flat (≈ 1)", "{:.3f}"),
+    ("ingest", "records_per_s_100k", "ingest records/s, 100k, local executor", "—", "{:,.0f}"),
+    ("ingest", "ray_records_per_s_10k", "ingest records/s, 10k, Ray executor (start-up included)", "—", "{:,.0f}"),
+    ("regenerate", "ratio_midsize", "regenerate: vLLM ÷ HF `generate` at its best batch size, 164M teacher, "
+     "64 prompts, 8–128 forced tokens", "≥ 3", "{:.2f}"),
+    ("regenerate", "ratio_midsize_vs_hf_oracle_sorted", "… the same ÷ HF with batches sorted by answer length "
+     "(an oracle: lengths are unknown before generating)", "reported", "{:.2f}"),
+    ("regenerate", "ratio_midsize_vllm_compiled", "… vLLM compiled (`teacher.enforce_eager=false`) ÷ HF best",
+     "reported", "{:.2f}"),
+    ("regenerate", "vllm_tok_s_midsize", "regenerate vLLM tokens/s, 164M teacher", "—", "{:.0f}"),
+    ("regenerate", "ratio_tiny", "regenerate vLLM ÷ HF, tiny teacher, 32 × 16 tokens", "reported", "{:.2f}"),
+    ("cache_teacher", "midsize_ratio", "cache-teacher stage ÷ bare teacher forward, 164M teacher", "≤ 1.10",
+     "{:.2f}"),
+    ("cache_teacher", "tiny_ratio", "cache-teacher stage ÷ bare forward, tiny teacher (head > LM)", "reported",
+     "{:.2f}"),
+    ("cache_teacher", "bytes_per_token_float16_float32", "cache bytes per answer token, Zarr, fp16 hidden "
+     "(H 768, k 64)", "—", "{:,.0f}"),
+    ("cache_teacher", "bytes_per_token_int8_float16", "cache bytes per answer token, Zarr, int8 hidden + fp16 "
+     "logprobs", "—", "{:,.0f}"),
+    ("cache_teacher", "read_zarr_samples_per_s", "cache read samples/s, Zarr", "—", "{:,.0f}"),
+    ("cache_teacher", "read_webdataset_samples_per_s", "cache read samples/s, WebDataset", "—", "{:,.0f}"),
+    ("train_student", "kd_step_ratio_mid_topk", "train step top-k KD ÷ CE-only, ≈107M student", "≤ 1.15", "{:.3f}"),
+    ("train_student", "kd_step_ratio_mid_exact", "train step exact KD ÷ CE-only, ≈107M student", "≤ 1.15",
+     "{:.3f}"),
+    ("train_student", "kd_step_ratio_tiny_topk", "train step top-k KD ÷ CE-only, tiny student (8.7M)", "≤ 1.15",
+     "{:.3f}"),
+    ("train_student", "kd_step_ratio_tiny_exact", "train step exact KD ÷ CE-only, tiny student (teacher head "
+     "larger than the student)", "reported", "{:.3f}"),
+    ("train_student", "loader_over_trainer_w0", "loader ÷ trainer samples/s (0 workers)", "≥ 5", "{:.2f}"),
+    ("train_student", "kd_mem_ratio_fused_over_naive", "exact-KD peak memory ÷ naive full logits, N 4096, "
+     "V 32000 (the loop's fused path)", "≤ 0.25", "{:.3f}"),
+]
+TARGET = re.compile(r"^(≤|≥) ([0-9.]+)$")
+
+
+def _verdict(value: float, target: str) -> str:
+    m = TARGET.match(target)
+    if not m:
+        return ""
+    ok = value <= float(m.group(2)) if m.group(1) == "≤" else value >= float(m.group(2))
+    return " ✓" if ok else " ✗"
+
+
+def render(results: dict) -> str:
+    m = results.get("machine", {})
+    lines = [f"Measured {results.get('timestamp', '?')} by `make bench` on {m.get('nproc')} CPU core(s), "
+             f"{m.get('cpu_model')}, {m.get('mem_total_gb')} GiB, Python {m.get('python')}; "
+             f"max 1-min load average during the runs: {_max_load(results)}.", "",
+             "| figure | measured | target | script |", "|---|---|---|---|"]
+    for script, key, label, target, fmt in FIGURES:
+        res = results.get(script) or {}
+        v = res.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            shown = fmt.format(v) + _verdict(float(v), target)
+        else:
+            shown = "—" + (f" ({res['error']})" if "error" in res else "")
+        lines.append(f"| {label} | {shown} | {target} | `benchmarks/{script}.py` |")
+    return "\n".join(lines)
+
+
+def _max_load(results: dict):
+    loads = [r.get("max_loadavg_1m") for r in results.values() if isinstance(r, dict) and "max_loadavg_1m" in r]
+    return max(loads) if loads else "not recorded"
+
+
+def update_readme(readme: Path, results: dict) -> bool:
+    """Replace the block between the markers; False when the README has no such block."""
+    text = readme.read_text()
+    if START not in text or END not in text:
+        return False
+    a, b = text.index(START) + len(START), text.index(END)
+    readme.write_text(text[:a] + "\n" + render(results) + "\n" + text[b:])
+    return True

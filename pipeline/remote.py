@@ -1,0 +1,130 @@
+"""fsspec URLs for inputs, shards and caches.
+
+Where the pipeline reads, a path may be a local path, a ``file://`` URL, or any URL an installed
+fsspec backend serves (``s3://`` with ``s3fs``, ``gs://`` with ``gcsfs``, ``hf://``, ``http(s)://``…):
+
+- ``ingest`` inputs (``--input``) are streamed through fsspec;
+- ``train_student.cache_from`` / ``eval`` ``cache_from``: a run directory (local or URL) whose
+  finished ``cache_teacher/`` stage — and the sample shards it was made from — are pulled into
+  this run before training: students on other machines stream the teacher's shards from
+  wherever the teacher wrote them. Every pulled shard is checked against the sha256 its
+  ``_done`` marker recorded, and a rerun pulls only what is missing.
+
+Where the pipeline *writes* (the run directory), the path must be on a POSIX filesystem (local
+disk, NFS, Lustre, a FUSE mount of a bucket): shards are committed by an atomic rename, which
+object stores do not offer. ``file://`` URLs are accepted there too.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from . import atomic
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
+
+
+def scheme(s: str) -> Optional[str]:
+    """``"s3"`` for ``s3://b/k``; None for a plain path."""
+    m = _SCHEME.match(str(s))
+    return m.group(1).lower() if m else None
+
+
+def is_remote(s: str) -> bool:
+    return scheme(s) not in (None, "file")
+
+
+def local_path(s: str) -> str:
+    """A plain path or ``file://`` URL as a local path; a remote URL raises ``ValueError``."""
+    sc = scheme(s)
+    if sc is None:
+        return str(s)
+    if sc == "file":
+        return str(s)[len("file://"):] or "/"
+    raise ValueError(f"{s} is a {sc}:// URL; this path must be local (or file://)")
+
+
+def canonical(s: str) -> str:
+    """Stable identity for fingerprints: local paths and file:// URLs absolute, other URLs as given."""
+    return str(s) if is_remote(s) else os.path.abspath(local_path(s))
+
+
+def filesystem(url: str):
+    """``(fsspec filesystem, path inside it)``; a missing backend is named with its install."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except (ImportError, ValueError) as e:
+        raise RuntimeError(f"cannot open {url}: {e}. Install the fsspec backend for "
+                           f"{scheme(url)}:// (e.g. `pip install s3fs` for s3://, gcsfs for gs://)") from e
+
+
+def open_binary(url: str):
+    """A readable binary file object for a path or URL (a context manager)."""
+    if not is_remote(url):
+        return open(local_path(url), "rb")
+    fs, path = filesystem(url)
+    return fs.open(path, "rb")
+
+
+def is_file(url: str) -> bool:
+    if not is_remote(url):
+        return os.path.isfile(local_path(url))
+    fs, path = filesystem(url)
+    return fs.isfile(path)
+
+
+def size(url: str) -> Optional[int]:
+    try:
+        if not is_remote(url):
+            return os.path.getsize(local_path(url))
+        fs, path = filesystem(url)
+        return int(fs.size(path))
+    except (OSError, FileNotFoundError):
+        return None
+
+
+def pull_stage(src_run: str, name: str, run_dir: Path, *, progress: bool = False) -> int:
+    """Copy stage directory ``name`` of the run at ``src_run`` (path or URL) into ``run_dir/name``.
+
+    Files already here with the same size are kept (a rerun pulls only what is missing); each
+    file lands by temp + rename, so a killed pull leaves no partial file. The source's lock and
+    scratch are skipped. Afterwards every shard is verified against the sha256 of its ``_done``
+    marker (``CorruptShardError`` names a bad one). Returns the number of files copied."""
+    from .rundir import CorruptShardError, StageDir
+
+    src = str(src_run).rstrip("/")
+    if not is_remote(src):
+        src = local_path(src)
+    fs, base = filesystem(f"{src}/{name}")
+    if not fs.exists(f"{base}/_stage.json"):
+        raise FileNotFoundError(f"{src}/{name} has no _stage.json: not a finished llavadi stage directory")
+    dest = Path(run_dir) / name
+    copied = 0
+    files = sorted(p for p in fs.find(base) if not p.endswith("_lock.json") and "/_staging/" not in p
+                   and atomic.TMP_MARK not in p)
+    for p in files:
+        rel = p[len(base):].lstrip("/")
+        out = dest / rel
+        remote_size = fs.size(p)
+        if out.exists() and out.stat().st_size == remote_size and rel != "_stage.json":
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic.tmp_name(out)
+        try:
+            fs.get_file(p, str(tmp))
+            atomic.commit(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        copied += 1
+    sd = StageDir(Path(run_dir), name)
+    for i in sd.done_indices():
+        try:
+            sd.verify_shard(i)
+        except CorruptShardError as e:
+            raise CorruptShardError(f"pulled from {src}/{name}: {e} If the source stage is sound, it was "
+                                    f"being written during the pull: rerun the same command to pull again.") from e
+    return copied
