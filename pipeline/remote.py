@@ -87,13 +87,14 @@ def size(url: str) -> Optional[int]:
         return None
 
 
-def pull_stage(src_run: str, name: str, run_dir: Path, *, progress: bool = False) -> int:
+def pull_stage(src_run: str, name: str, run_dir: Path) -> int:
     """Copy stage directory ``name`` of the run at ``src_run`` (path or URL) into ``run_dir/name``.
 
-    Files already here with the same size are kept (a rerun pulls only what is missing); each
-    file lands by temp + rename, so a killed pull leaves no partial file. The source's lock and
-    scratch are skipped. Afterwards every shard is verified against the sha256 of its ``_done``
-    marker (``CorruptShardError`` names a bad one). Returns the number of files copied."""
+    Metadata (``.json``/``.jsonl``: markers, manifest, index, rejects) is always copied; a data
+    file already here with the same size is kept (a rerun pulls only the shards that are missing)
+    because every shard is then verified against the sha256 of its freshly pulled ``_done`` marker
+    (``CorruptShardError`` names a bad one). Each file lands by temp + rename, so a killed pull
+    leaves no partial file; the source's lock and scratch are skipped. Returns files copied."""
     from .rundir import CorruptShardError, StageDir
 
     src = str(src_run).rstrip("/")
@@ -110,7 +111,7 @@ def pull_stage(src_run: str, name: str, run_dir: Path, *, progress: bool = False
         rel = p[len(base):].lstrip("/")
         out = dest / rel
         remote_size = fs.size(p)
-        if out.exists() and out.stat().st_size == remote_size and rel != "_stage.json":
+        if out.exists() and out.stat().st_size == remote_size and not rel.endswith((".json", ".jsonl")):
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = atomic.tmp_name(out)

@@ -57,6 +57,22 @@ def tiny_teacher(tmp_path_factory) -> Path:
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "teacher", TEACHER)
 
 
+@pytest.fixture(scope="session")
+def cached_run(tmp_path_factory, tiny_teacher) -> tuple[Path, Path, Path]:
+    """(run, student, image_root): 24 synthetic samples ingested (3 shards) and cached by the tiny
+    teacher (top-k 8, source=data), plus an untrained tiny student. Tests copy the run dir."""
+    from llavadi.stages.demo.synthetic_vqa import generate
+    from llavadi.stages.demo.tiny_models import STUDENT, build_tiny_llava
+
+    root = tmp_path_factory.mktemp("cached")
+    train = generate(root, 24, seed=11)
+    run = root / "base"
+    cli("ingest", run, "--input", train, "--image-root", root, "--shard-size", "8", "--executor", "local")
+    cli("cache-teacher", run, "--teacher", tiny_teacher, "--executor", "local", "cache_teacher.source=data",
+        "cache_teacher.top_k=8")
+    return run, build_tiny_llava(root / "student", STUDENT), root
+
+
 def kill_when(args: list, cond, timeout: float = 300, env: dict | None = None) -> int:
     """Start ``python -m llavadi.cli ARGS`` in its own session, SIGKILL the whole process group as
     soon as ``cond()`` holds, and return the exit status (``-SIGKILL`` when killed)."""

@@ -67,17 +67,9 @@ def test_missing_backend_and_object_store_run_dir_are_refused_with_the_fix(tmp_p
 
 
 @pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory, tiny_teacher):
-    from llavadi.stages.demo.synthetic_vqa import generate
-    from llavadi.stages.demo.tiny_models import STUDENT, build_tiny_llava
-
-    root = tmp_path_factory.mktemp("teacher-side")
-    train = generate(root, 24, seed=11)
-    run = root / "run"
-    cli("ingest", run, "--input", train, "--image-root", root, "--shard-size", "8", "--executor", "local")
-    cli("cache-teacher", run, "--teacher", tiny_teacher, "--executor", "local", "cache_teacher.source=data",
-        "cache_teacher.top_k=8")
-    return run, root, build_tiny_llava(root / "student", STUDENT)
+def teacher_run(cached_run):
+    run, student, images = cached_run
+    return run, images, student
 
 
 TRAIN = ["train_student.batch_size=4", "train_student.micro_batch_size=4", "train_student.max_steps=3"]
@@ -108,7 +100,9 @@ def test_train_student_pulls_the_cache_from_another_run(tmp_path, teacher_run):
 
     from llavadi.stages.train_student.loop import pull_cache
 
-    assert pull_cache(run, str(src)) == 2  # a rerun re-reads only the two _stage.json manifests
+    meta = [f for d in ("cache_teacher", "data") for f in (src / d).rglob("*")
+            if f.is_file() and f.suffix in (".json", ".jsonl") and f.name != "_lock.json"]
+    assert pull_cache(run, str(src)) == len(meta)  # a rerun re-copies metadata only, no shard data
 
 
 def test_pulled_shard_that_does_not_match_its_marker_is_named(tmp_path, teacher_run):

@@ -21,18 +21,8 @@ TRAIN = ["train_student.batch_size=4", "train_student.micro_batch_size=2", "trai
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory, tiny_teacher):
-    from llavadi.stages.demo.synthetic_vqa import generate
-    from llavadi.stages.demo.tiny_models import STUDENT, build_tiny_llava
-
-    root = tmp_path_factory.mktemp("ts")
-    train = generate(root, 24, seed=11)
-    run = root / "base"
-    cli("ingest", run, "--input", train, "--image-root", root, "--shard-size", "8", "--executor", "local")
-    cli("cache-teacher", run, "--teacher", tiny_teacher, "--executor", "local", "cache_teacher.source=data",
-        "cache_teacher.top_k=8")
-    student = build_tiny_llava(root / "student", STUDENT)
-    return run, student
+def cached(cached_run):
+    return cached_run[:2]
 
 
 def fresh(cached, tmp_path, name="run"):
