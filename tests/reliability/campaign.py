@@ -59,17 +59,37 @@ def holds_lock(lock: Path) -> Callable[[subprocess.Popen], bool]:
     return check
 
 
+def after_new_work(lock: Path, progress: Callable[[], int]) -> Callable[[subprocess.Popen], bool]:
+    """True once the launched process holds the lock and has since kept one more unit of work."""
+    locked = holds_lock(lock)
+    start: list[int] = []
+
+    def check(proc: subprocess.Popen) -> bool:
+        if not start:
+            if not locked(proc):
+                return False
+            start.append(progress())
+        return progress() > start[0]
+    return check
+
+
 @dataclass
 class Campaign:
-    """``kills`` SIGKILLs at random moments (seeded): each launch is killed a random delay,
-    uniform in ``[0, window_s)``, after it takes the stage lock — so kills land anywhere in the
-    stage's work (model load, planning, mid-shard or mid-step, a commit, a checkpoint), each
-    launch getting a little further than the last. Then the caller runs the command to the end."""
+    """``kills`` SIGKILLs at random moments (seeded), alternating two kinds of moment:
+
+    - even kills: a delay uniform in ``[0, window_s)`` after the launch takes the stage lock —
+      anywhere in start-up, model load, planning or the first shard / step;
+    - odd kills: a delay uniform in ``[0, unit_s)`` after the launch has kept one new unit of
+      work (a shard's done marker, a checkpoint) — inside the next unit: mid-shard, mid-step, at a
+      commit or a checkpoint write. These guarantee the campaign reaches into the stage's work.
+
+    Then the caller runs the command to the end."""
 
     args: list
     lock: Path
     progress: Callable[[], int]
     window_s: float
+    unit_s: float
     seed: int
     kills: int = 10
     env: dict = field(default_factory=dict)
@@ -77,11 +97,14 @@ class Campaign:
 
     def run(self) -> list:
         rng = random.Random(self.seed)
-        for _ in range(self.kills):
-            delay = rng.uniform(0.0, self.window_s)
+        for j in range(self.kills):
+            mid = j % 2 == 1
+            delay = rng.uniform(0.0, self.unit_s if mid else self.window_s)
+            reached = after_new_work(self.lock, self.progress) if mid else holds_lock(self.lock)
             before = self.progress()
-            rc = kill_at(self.args, holds_lock(self.lock), delay, env=self.env)
-            self.log.append({"delay_s": round(delay, 3), "rc": rc, "progress": [before, self.progress()]})
+            rc = kill_at(self.args, reached, delay, env=self.env)
+            self.log.append({"kind": "after-work" if mid else "after-lock", "delay_s": round(delay, 3), "rc": rc,
+                             "progress": [before, self.progress()]})
             if rc == 0:
                 break
         return self.log
@@ -92,7 +115,7 @@ class Campaign:
 
     @property
     def killed_mid_work(self) -> int:
-        """Kills of launches that had finished some unit of work (a shard, a step) before dying."""
+        """Kills of launches that had kept some new unit of work (a shard, a checkpoint) first."""
         return sum(e["rc"] == -signal.SIGKILL and e["progress"][1] > e["progress"][0] for e in self.log)
 
 
@@ -128,7 +151,13 @@ def timeline(args: list, lock: Path, progress: Callable[[], int], timeout: float
     return {"first_s": t_first - t_lock, "work_s": end - t_lock, "units": progress() - start}
 
 
-def kill_window(t: dict) -> float:
+def unit_seconds(t: dict) -> float:
+    """One unit of work's time in the uninterrupted run (after the first)."""
+    return (t["work_s"] - t["first_s"]) / max(1, t["units"] - 1)
 
-    per_unit = (t["work_s"] - t["first_s"]) / max(1, t["units"] - 1)
-    return t["first_s"] + 2 * per_unit
+
+def kill_window(t: dict) -> float:
+    """Kill delays after the lock: up to the reference run's time to its first unit of work and
+    half a unit more (start-up, model load, planning, the first shard or step). Longer windows
+    let a launch whose start-up happens to be quick run through most of a fast stage."""
+    return t["first_s"] + 0.5 * unit_seconds(t)
