@@ -31,3 +31,16 @@ def machine_info() -> dict:
         nproc = os.cpu_count()
     return {"nproc": nproc, "cpu_model": model or platform.processor() or platform.machine(),
             "mem_total_gb": mem_gb, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def emit(result: dict, out: str | None) -> int:
+    """The benchmark's one JSON line on stdout (``run_all.py`` reads the last line), and the same
+    object indented into ``out`` when given. Returns the exit status 0."""
+    import json
+    from pathlib import Path
+
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result), flush=True)
+    return 0

@@ -68,7 +68,7 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _common import machine_info as _common_machine_info  # noqa: E402
+from _common import emit, machine_info as _common_machine_info  # noqa: E402
 
 import argparse
 import json
@@ -529,11 +529,7 @@ def main(argv=None) -> int:
         pass
     result["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
 
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result), flush=True)
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":
