@@ -45,8 +45,8 @@ class DemoProfile:
 
 
 PROFILES = {
-    # make demo: ≤ 20 min on 2 cores (measured 20m53s with student_steps=400: teacher SFT 482 s,
-    # teacher passes 82 s, 10 student runs ~50 s each; 300 steps take ~12 s off each run)
+    # make demo: ≤ 20 min on 2 cores (measured 19m01s idle: teacher SFT 491 s, teacher passes 80 s,
+    # 10 student runs ~40 s each; 400 student steps took 20m53s)
     "default": DemoProfile(teacher_train=6000, labelled=500, unlabelled=2000, test=400, teacher_steps=900,
                            teacher_batch=64, student_steps=300, student_batch=32, seeds=(0, 1)),
     # llavadi demo --quick: ≤ 5 min
