@@ -174,6 +174,24 @@ def _dense_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind
     return _divergence_rows(log_p, log_q, kind, beta) * (t * t)
 
 
+def _teacher_topk_buckets(topk_logprobs: torch.Tensor, t: float, standardize: bool,
+                          teacher_logit_std: Optional[torch.Tensor], dtype=torch.float32) -> torch.Tensor:
+    """Teacher's ``k + 1`` bucket log-probs ``[N, k+1]`` (top-k + tail; used by ``topk_kd_loss`` and
+    the fused head loss): tail = 1 - sum(exp(logprobs)), computed as -expm1(logsumexp(.)), then
+    re-tempered and given the ``TAIL_EPS`` guard after tempering (so tempering never inflates it)."""
+    n = topk_logprobs.shape[0]
+    lp_top = topk_logprobs.detach().to(dtype)
+    log_top_mass = torch.logsumexp(lp_top, dim=-1, keepdim=True).clamp(max=0.0)
+    log_p = torch.cat([lp_top, torch.log(-torch.expm1(log_top_mass))], dim=-1)  # log(0) = -inf is fine
+    if standardize:
+        log_p = log_p / ((teacher_logit_std.detach().to(dtype).reshape(n, 1).to(log_p.device) + STD_EPS) * t)
+    elif t != 1.0:
+        log_p = log_p / t
+    log_p = F.log_softmax(log_p, dim=-1)
+    log_p_tail = torch.logaddexp(log_p[:, -1:], torch.full_like(log_p[:, -1:], math.log(TAIL_EPS)))
+    return F.log_softmax(torch.cat([log_p[:, :-1], log_p_tail], dim=-1), dim=-1)
+
+
 # ------------------------------------------------------------------------------ top-k + tail
 def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
                  kind: str = "fkl", beta: float = 0.5, temperature: float = 1.0, standardize: bool = False,
@@ -220,19 +238,7 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
         log_q_tail = torch.logaddexp(log_q_tail, torch.full_like(log_q_tail, math.log(TAIL_EPS)))
         log_q = F.log_softmax(torch.cat([log_q_top, log_q_tail], dim=-1), dim=-1)
 
-        # teacher: k buckets + tail = 1 - sum(exp(logprobs)), computed as -expm1(logsumexp(.))
-        lp_top = topk_logprobs.detach().float()
-        log_top_mass = torch.logsumexp(lp_top, dim=-1, keepdim=True).clamp(max=0.0)
-        tail = -torch.expm1(log_top_mass)  # >= 0 after the clamp; log(0) = -inf is fine here
-        log_p = torch.cat([lp_top, torch.log(tail)], dim=-1)
-        if standardize:
-            log_p = log_p / ((teacher_logit_std.detach().float().reshape(n, 1).to(log_p.device) + STD_EPS) * t)
-        elif t != 1.0:
-            log_p = log_p / t
-        log_p = F.log_softmax(log_p, dim=-1)
-        # the eps guard goes in after tempering, so tempering never inflates it into real mass
-        log_p_tail = torch.logaddexp(log_p[:, -1:], torch.full_like(log_p[:, -1:], math.log(TAIL_EPS)))
-        log_p = F.log_softmax(torch.cat([log_p[:, :-1], log_p_tail], dim=-1), dim=-1)
+        log_p = _teacher_topk_buckets(topk_logprobs, t, standardize, teacher_logit_std)
 
         rows = _divergence_rows(log_p, log_q, kind, beta) * (t * t)
         return _reduce(rows, reduction)
@@ -374,22 +380,6 @@ def feature_loss(projected: torch.Tensor, teacher_hidden: torch.Tensor, kind: st
 
 
 # ------------------------------------------------------------- fused head: CE + KD, one pass
-def _teacher_topk_buckets(topk_logprobs: torch.Tensor, t: float, standardize: bool,
-                          teacher_logit_std: Optional[torch.Tensor], dtype=torch.float32) -> torch.Tensor:
-    """Teacher's ``k + 1`` bucket log-probs ``[N, k+1]`` exactly as ``topk_kd_loss`` builds them."""
-    n = topk_logprobs.shape[0]
-    lp_top = topk_logprobs.detach().to(dtype)
-    log_top_mass = torch.logsumexp(lp_top, dim=-1, keepdim=True).clamp(max=0.0)
-    log_p = torch.cat([lp_top, torch.log(-torch.expm1(log_top_mass))], dim=-1)
-    if standardize:
-        log_p = log_p / ((teacher_logit_std.detach().to(dtype).reshape(n, 1).to(log_p.device) + STD_EPS) * t)
-    elif t != 1.0:
-        log_p = log_p / t
-    log_p = F.log_softmax(log_p, dim=-1)
-    log_p_tail = torch.logaddexp(log_p[:, -1:], torch.full_like(log_p[:, -1:], math.log(TAIL_EPS)))
-    return F.log_softmax(torch.cat([log_p[:, :-1], log_p_tail], dim=-1), dim=-1)
-
-
 def _analytic(kind: str, beta: float, standardize: bool) -> bool:
     """Forward KL without standardization has a closed-form logit gradient (the default recipe)."""
     return not standardize and (kind == "fkl" or (kind == "jsd" and float(beta) == 0.0))
