@@ -87,10 +87,20 @@ class TeacherConfig:
     num_actors: int = 1  # engine replicas (Ray actors), each loads the teacher once
     gpus_per_actor: float = 0.0  # 0 on CPU; = tensor_parallel_size on GPU machines
     cpus_per_actor: float = 1.0
-    # regenerate's vLLM engine: None = eager on CPU (torch.compile costs ~1 min at start and gained
-    # 0-20% on a 164M teacher here), vLLM's default on GPU (compiled + CUDA graphs). cache-teacher
-    # is always eager (its hook must run on every forward).
+    # regenerate's vLLM engine: None = vLLM's default on GPU (compiled + CUDA graphs); on CPU compiled
+    # for teachers of >= 100M parameters (torch.compile adds ~1 min to the start and decodes ~30 %
+    # faster on a 164M teacher: benchmarks/regenerate.py), eager below (start-up would dominate).
+    # cache-teacher is always eager (its hook must run on every forward).
     enforce_eager: Optional[bool] = None
+    # regenerate's vLLM engine reuses the KV of prompt prefixes it has computed: the system prompt
+    # every request shares, and turn t's whole conversation inside turn t+1's prompt. Emptied at the
+    # start of every shard, so a shard's output never depends on what the engine served before it
+    # (what keeps kill-and-resume exact). cache-teacher never uses it (every position is computed).
+    prefix_caching: bool = True
+    # vLLM's KV-cache block in tokens; prefixes are cached in whole blocks. None: 32 on CPU (the
+    # smallest its attention takes; its default, 128, is longer than a LLaVA system prompt), vLLM's
+    # default on GPU.
+    kv_block_size: Optional[int] = None
 
     def validate(self) -> list[str]:
         p = []
@@ -104,6 +114,8 @@ class TeacherConfig:
             p.append("teacher.num_actors must be >= 1")
         if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
             p.append("teacher.gpus_per_actor must be >= 0 and teacher.cpus_per_actor > 0")
+        if self.kv_block_size is not None and (self.kv_block_size < 16 or self.kv_block_size % 16):
+            p.append("teacher.kv_block_size must be a multiple of 16 (32 on CPU), or null for the default")
         return p
 
 

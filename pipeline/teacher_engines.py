@@ -36,6 +36,7 @@ class GenRequest:
 class GenResult:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
+    cached_prompt_tokens: int = 0  # prompt tokens served from the engine's prefix cache (not recomputed)
 
 
 def request_seed(run_seed: int, sample_id: str, turn: int) -> int:
@@ -45,12 +46,15 @@ def request_seed(run_seed: int, sample_id: str, turn: int) -> int:
     return int.from_bytes(h, "little") & 0x7FFFFFFF
 
 
-def resolve_dtype(dtype: str) -> str:
+def resolve_dtype(dtype: str, on_gpu: Optional[bool] = None) -> str:
+    """``auto``: bf16 on GPU, fp32 on CPU (``on_gpu`` None: whether this process sees a GPU)."""
     if dtype != "auto":
         return dtype
-    import torch
+    if on_gpu is None:
+        import torch
 
-    return "bfloat16" if torch.cuda.is_available() else "float32"
+        on_gpu = torch.cuda.is_available()
+    return "bfloat16" if on_gpu else "float32"
 
 
 def weights_identity(model_dir: str | Path) -> str:
@@ -99,6 +103,62 @@ def _finish(ids: list[int], eos: set[int], max_new: int) -> GenResult:
     return GenResult(ids, "length" if len(ids) >= max_new else "stop")
 
 
+def safetensors_files(model_dir: Path) -> list[str]:
+    """The checkpoint's safetensors file names: the index's shards, else ``model.safetensors``."""
+    import json as _json
+
+    idx = model_dir / "model.safetensors.index.json"
+    if idx.exists():
+        return sorted(set(_json.loads(idx.read_text())["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+COMPILE_MIN_PARAMS = 100_000_000  # CPU: teachers this large are compiled by default (enforce_eager=None)
+CPU_KV_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
+
+
+def teacher_param_count(model_dir: str | Path) -> Optional[int]:
+    """Parameters in the teacher's safetensors (read from the headers, no weights loaded);
+    None when it has none (e.g. ``.bin`` weights)."""
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    files = safetensors_files(d)
+    if not all((d / f).exists() for f in files):
+        return None
+    n = 0
+    for f in files:
+        with safe_open(d / f, "pt") as sf:
+            for k in sf.keys():
+                size = 1
+                for dim in sf.get_slice(k).get_shape():
+                    size *= int(dim)
+                n += size
+    return n
+
+
+def vllm_engine_kwargs(teacher: TeacherConfig, on_gpu: bool) -> dict:
+    """``vllm.LLM`` arguments for regenerate's engine (cache-teacher's forcer overrides a few).
+
+    ``enforce_eager`` None: vLLM's default on GPU (compiled + CUDA graphs); on CPU compiled for
+    teachers of >= ``COMPILE_MIN_PARAMS`` (torch.compile costs ~1 min at start, repaid within
+    minutes of decoding), eager below. Prefix caching per ``teacher.prefix_caching``, in blocks of
+    ``teacher.kv_block_size`` (None: ``CPU_KV_BLOCK_SIZE`` on CPU, vLLM's default on GPU)."""
+    kw = dict(model=teacher.model, tokenizer=teacher.model, dtype=resolve_dtype(teacher.dtype, on_gpu),
+              max_model_len=max_model_len(teacher), tensor_parallel_size=teacher.tensor_parallel_size,
+              seed=0, enable_prefix_caching=teacher.prefix_caching, limit_mm_per_prompt={"image": 1})
+    if on_gpu:
+        kw["gpu_memory_utilization"] = teacher.gpu_memory_utilization
+    if teacher.enforce_eager is not None:
+        kw["enforce_eager"] = bool(teacher.enforce_eager)
+    elif not on_gpu:
+        kw["enforce_eager"] = (teacher_param_count(teacher.model) or 0) < COMPILE_MIN_PARAMS
+    block = teacher.kv_block_size or (None if on_gpu else CPU_KV_BLOCK_SIZE)
+    if block:
+        kw["block_size"] = block
+    return kw
+
+
 class VLLMEngine:
     """``vllm.LLM`` in this process (one engine per Ray actor)."""
 
@@ -115,16 +175,14 @@ class VLLMEngine:
         self.teacher = teacher
         self.processor = load_processor(teacher.model)
         self.tokenizer = self.processor.tokenizer
-        kw = dict(model=teacher.model, tokenizer=teacher.model, dtype=resolve_dtype(teacher.dtype),
-                  max_model_len=max_model_len(teacher), tensor_parallel_size=teacher.tensor_parallel_size,
-                  seed=0, enable_prefix_caching=False, limit_mm_per_prompt={"image": 1})
-        if on_gpu:
-            kw["gpu_memory_utilization"] = teacher.gpu_memory_utilization
-        # auto: eager on CPU (torch.compile adds ~1 min to the start and measured 0-20% faster
-        # decoding on a 164M teacher: benchmarks/regenerate.py), vLLM's default on GPU (compiled + CUDA graphs)
-        kw["enforce_eager"] = (not on_gpu) if teacher.enforce_eager is None else bool(teacher.enforce_eager)
-        self.llm = LLM(**kw)
+        self.llm = LLM(**vllm_engine_kwargs(teacher, on_gpu))
         self.eos = {self.tokenizer.eos_token_id}
+
+    def reset_cache(self) -> None:
+        """Forget every cached prefix: what the next request computes no longer depends on the
+        requests served before it (called at each shard's start)."""
+        if self.teacher.prefix_caching and not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running)")
 
     def generate(self, reqs: Sequence[GenRequest], s: SamplingConfig) -> list[GenResult]:
         from vllm import SamplingParams
@@ -146,6 +204,7 @@ class VLLMEngine:
             r = _finish(ids, self.eos, s.max_new_tokens)
             if c.finish_reason == "length":
                 r.finish_reason = "length"
+            r.cached_prompt_tokens = int(o.num_cached_tokens or 0)
             res.append(r)
         return res
 
@@ -164,6 +223,9 @@ class HFEngine:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForImageTextToText.from_pretrained(teacher.model, dtype=dtype).to(self.device).eval()
         self.eos = {self.tokenizer.eos_token_id}
+
+    def reset_cache(self) -> None:
+        """Nothing to reset: each ``generate`` starts from the prompt alone."""
 
     def _inputs(self, reqs: Sequence[GenRequest]):
         images = [r.image for r in reqs if r.image is not None]
@@ -310,13 +372,10 @@ class HFTeacherForcer:
 def output_head(model_dir: str | Path) -> dict:
     """The teacher's output projection read straight from its safetensors (no model load):
     ``{"weight": [V,H]}`` (+ ``"bias"``). Tied heads fall back to the input embeddings."""
-    import json as _json
-
     from safetensors import safe_open
 
     d = Path(model_dir)
-    idx = d / "model.safetensors.index.json"
-    files = sorted(set(_json.loads(idx.read_text())["weight_map"].values())) if idx.exists() else ["model.safetensors"]
+    files = safetensors_files(d)
     found = {}
     for suffix, name in (("lm_head.weight", "weight"), ("lm_head.bias", "bias")):
         for f in files:
@@ -368,12 +427,9 @@ class VLLMTeacherForcer:
         head = output_head(teacher.model)
         self.head_w, self.head_b = head["weight"].float(), head.get("bias")
         self.hidden_size = int(self.head_w.shape[1])
-        kw = dict(model=teacher.model, tokenizer=teacher.model, dtype=resolve_dtype(teacher.dtype),
-                  max_model_len=max_model_len(teacher), tensor_parallel_size=teacher.tensor_parallel_size, seed=0,
-                  enable_prefix_caching=False, limit_mm_per_prompt={"image": 1}, max_logprobs=max(20, top_k),
-                  logprobs_mode="raw_logprobs")
-        if torch.cuda.is_available():
-            kw["gpu_memory_utilization"] = teacher.gpu_memory_utilization
+        kw = vllm_engine_kwargs(teacher, torch.cuda.is_available())
+        # prefix caching off: every position's hidden state must be computed (and captured)
+        kw.update(enable_prefix_caching=False, max_logprobs=max(20, top_k), logprobs_mode="raw_logprobs")
         # always eager, whatever teacher.enforce_eager says: the final-norm hook must run on every
         # forward, and a replayed CUDA graph (or a compiled graph) would skip its Python side effect
         kw["enforce_eager"] = True

@@ -102,9 +102,13 @@ class RegenerateStage:
 
     def process(self, ctx: StageContext, engine, task: ShardTask) -> ShardOutput:
         c = ctx.cfg.regenerate
+        # a shard's answers must not depend on the shards this engine served before (a resumed run
+        # serves a different sequence): start from an empty prefix cache
+        engine.reset_cache()
         rows_out, rejects = [], []
         reasons: dict[str, int] = {}
         n_in = gen_tokens = 0
+        cached = {"prompt_tokens": 0}  # prompt tokens the engine took from its prefix cache
         t0 = time.time()
         ident = json.dumps(teacher_identity(ctx.cfg), sort_keys=True)
         sampling = json.dumps({"engine": c.engine, **asdict(c.sampling), "seed": c.seed}, sort_keys=True)
@@ -117,7 +121,7 @@ class RegenerateStage:
 
         def run_block(block):
             nonlocal gen_tokens
-            for row, res in zip(block, self._regenerate_block(ctx, engine, block)):
+            for row, res in zip(block, self._regenerate_block(ctx, engine, block, cached)):
                 if "reject" in res:
                     reject(row, *res["reject"])
                     continue
@@ -150,13 +154,14 @@ class RegenerateStage:
         counts = {"in": n_in, "out": len(rows_out), "rejected": dict(sorted(reasons.items()))}
         stats = {"generated_tokens": gen_tokens, "generate_seconds": round(secs, 3),
                  "generated_tokens_per_s": round(gen_tokens / secs, 1) if secs > 0 else None,
-                 "finish_reasons": finish_counts}
+                 "finish_reasons": finish_counts, "prompt_tokens_cached": cached["prompt_tokens"]}
         print(f"[regenerate] shard {task.index:05d}: {len(rows_out)}/{n_in} samples, {gen_tokens} tokens, "
               f"{stats['generated_tokens_per_s']} tok/s", file=sys.stderr, flush=True)
         return ShardOutput(out, counts, stats)
 
-    def _regenerate_block(self, ctx: StageContext, engine, block: list[dict]) -> list:
-        """Per sample: ``{"turns", "reasons", "ntoks"}`` or ``{"reject": (reason, detail)}``."""
+    def _regenerate_block(self, ctx: StageContext, engine, block: list[dict], cached: dict) -> list:
+        """Per sample: ``{"turns", "reasons", "ntoks"}`` or ``{"reject": (reason, detail)}``;
+        adds the prompt tokens served from the engine's prefix cache to ``cached["prompt_tokens"]``."""
         c = ctx.cfg.regenerate
         keep = c.on_failure == "keep_original"
         proc = engine.processor
@@ -191,6 +196,7 @@ class RegenerateStage:
                 reqs.append(GenRequest(prompt, st["img"], request_seed(c.seed, row["id"], t)))
                 who.append(j)
             results = engine.generate(reqs, c.sampling) if reqs else []
+            cached["prompt_tokens"] += sum(r.cached_prompt_tokens for r in results)
             for j, res in zip(who, results):
                 row, st = block[j], state[j]
                 conv = row["conversations"]

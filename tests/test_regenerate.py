@@ -38,14 +38,27 @@ def regen(run, teacher, *extra, check=True, env=None, executor="local"):
                env=env, timeout=900)
 
 
+def cached_tokens(run) -> list[int]:
+    """Per shard: prompt tokens the vLLM engine served from its prefix cache."""
+    return [json.loads(f.read_text())["prompt_tokens_cached"]
+            for f in sorted((run / "regenerate" / "stats").glob("*.json"))]
+
+
 def test_greedy_vllm_and_hf_give_identical_tokens(ingested, tmp_path, tiny_teacher):
+    """Also: vLLM's prefix cache (on by default) serves prompt tokens and changes no answer."""
     a, b = fresh(ingested, tmp_path, "vllm"), fresh(ingested, tmp_path, "hf")
+    c = fresh(ingested, tmp_path, "vllm-no-prefix-cache")
     regen(a, tiny_teacher, "--engine", "vllm", "regenerate.sampling.temperature=0")
     regen(b, tiny_teacher, "--engine", "hf", "regenerate.sampling.temperature=0")
-    ra, rb = rows(a), rows(b)
+    regen(c, tiny_teacher, "--engine", "vllm", "regenerate.sampling.temperature=0", "teacher.prefix_caching=false")
+    ra, rb, rc = rows(a), rows(b), rows(c)
     assert len(ra) == len(rb) == 120
-    assert [r["conversations"] for r in ra] == [r["conversations"] for r in rb]
+    assert [r["conversations"] for r in ra] == [r["conversations"] for r in rb] == [r["conversations"] for r in rc]
     assert [r["turn_num_tokens"] for r in ra] == [r["turn_num_tokens"] for r in rb]
+    # each shard: 40 samples in blocks of 16 sharing the system prompt, multi-turn prompts that
+    # repeat the conversation so far; at least one 32-token block per block of 16 after the first call
+    assert len(cached_tokens(a)) == 3 and min(cached_tokens(a)) >= 32 * 16
+    assert cached_tokens(c) == [0, 0, 0]
     # every assistant turn was re-answered, human turns and order kept
     for r in ra:
         conv, orig = r["conversations"], r["original_conversations"]
@@ -106,6 +119,9 @@ def test_sigkill_mid_stage_then_rerun_is_identical_with_sampling(ingested, tmp_p
     p = regen(run, tiny_teacher, "regenerate.seed=7")
     assert "already done" in p.stdout
     assert tree_bytes(run / "regenerate") == tree_bytes(ref / "regenerate")
+    # the prefix cache is emptied at each shard's start: the shard the relaunch served first (with a
+    # fresh engine) took exactly as much from it as in the reference run, where it followed another shard
+    assert cached_tokens(run) == cached_tokens(ref) and min(cached_tokens(ref)) > 0
     r = rows(run)
     assert json.loads(r[0]["sampling"])["temperature"] == 1.0 and len({x["id"] for x in r}) == 120
 
