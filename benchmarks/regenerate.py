@@ -1,14 +1,14 @@
 """Benchmark the regenerate engine: generated tokens/s of llavadi's vLLM engine vs HF ``generate``.
 
 The claim under test: on a teacher big enough that the forward pass dominates, llavadi's vLLM
-engine (continuous batching, paged KV cache) generates >= 3x the tokens/s of transformers'
+engine (continuous batching, paged KV cache, prefix caching, compiled on CPU for this size) generates >= 3x the tokens/s of transformers'
 batched ``generate`` at its best batch size, on the same prompts, teacher and forced answer
 lengths. Both sides are measured in this one run, on this machine.
 
 Workloads (teachers built locally with ``stages.demo.tiny_models.build_tiny_llava``, random
 weights, fp32, greedy):
 
-- ``midsize`` (headline): ``MIDSIZE`` (~135M parameters, LM hidden 768, 12 layers, head_dim 64);
+- ``midsize`` (headline): ``MIDSIZE`` (164M parameters with the vision tower, LM hidden 768, 12 layers, head_dim 64);
   64 prompts; forced answer lengths spread evenly over 8..128 tokens (``8 + 120*i/63`` rounded,
   shuffled with a fixed seed), one length per request;
 - ``tiny``: ``TEACHER`` (tiny, per-step overhead dominates); 32 prompts x 16 forced tokens.
@@ -21,11 +21,17 @@ is where the engines differ.
 
 What each side generates (both: exactly ``sum(L_i)`` answer tokens are returned and counted):
 
-- vLLM: ``llavadi.pipeline.teacher_engines.VLLMEngine`` constructs the engine (llavadi's own
-  settings: in-process, prefix caching off; ``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-  ``VLLM_CPU_KVCACHE_SPACE=2``), twice on ``midsize``: eager (the CPU default: the headline) and
-  compiled (``teacher.enforce_eager=false``, torch.compile: ~1 min more start-up, reported in
-  ``init_s``); ``tiny`` runs eager only. ``VLLMEngine.generate`` takes one ``SamplingConfig`` (one
+- vLLM: ``llavadi.pipeline.teacher_engines.VLLMEngine`` constructs the engine with llavadi's own
+  settings (in-process; ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``VLLM_CPU_KVCACHE_SPACE=2``), in
+  the modes of ``VLLM_MODES``: ``default`` (the headline: what ``llavadi regenerate`` runs with no
+  teacher.* overrides; on CPU a >= 100M-parameter teacher is compiled with torch.compile and the
+  prefix cache is on, 32-token blocks), ``eager`` (``teacher.enforce_eager=true``) and
+  ``eager_no_prefix_cache`` (also ``teacher.prefix_caching=false``: the plain engine), so what
+  each setting contributes is visible; ``tiny`` runs ``default`` only (eager: < 100M parameters).
+  The prefix cache is emptied before every run, as the stage empties it at every shard's start, so
+  a run reuses only prefixes it computed itself (here: the system prompt the 64 requests share;
+  in the stage also each turn's conversation inside the next turn's prompt); the cached prompt
+  tokens are reported. ``VLLMEngine.generate`` takes one ``SamplingConfig`` (one
   ``max_new_tokens`` for all requests), so the benchmark calls ``engine.llm.generate`` directly
   with one ``SamplingParams`` per request built as ``VLLMEngine.generate`` builds them
   (``temperature=0``, ``detokenize=False``) plus ``min_tokens=max_tokens=L_i``: all requests
@@ -46,15 +52,20 @@ What each side generates (both: exactly ``sum(L_i)`` answer tokens are returned 
 
 Timed region per side: prompt tokenisation + generation of all requests. Model load / engine
 init and one small warm-up call (2 prompts x 4 tokens) are outside it; init times are reported.
+Then each side runs the whole workload once untimed (vLLM: every mode; HF: its largest batch), so
+the timed runs measure the steady state a stage is in after its first shard (a process's first
+full run was seen 10-40 % slower); those warm-up figures are reported too.
 Each side is its own persistent subprocess (vLLM's CPU backend binds OpenMP threads and disables
-``torch.set_num_threads`` in the process it runs in, so HF must not share it); both load first,
-then the driver alternates their timed runs: vLLM, HF b64, HF b16, HF b16 sorted, vLLM again. Only one side
-computes at a time (the idle side's CPU use is measured: ``idle_peer_cpu_s``), so each gets the
-machine's cores; vLLM's two runs bracket HF's, so a drift in machine load hits both sides, and
-``vllm_tok_s`` is from the mean of its two run times. Thread counts, the 1-min load average
-around each run and ``cpu_util`` (process CPU s / wall s of the timed region) are reported;
-``machine_contended`` is true when the load average went above nproc + 1, i.e. other processes
-competed for the cores and the absolute figures are depressed (the ratio less so).
+``torch.set_num_threads`` in the process it runs in, so HF must not share it); all load first,
+then the driver alternates their timed runs in two rounds, the second in reverse order: each
+vLLM mode, HF b64, HF b16, HF b16 sorted, then back. Only one side computes at a time (the idle
+sides' CPU use is measured: ``idle_peer_cpu_s``), so each gets the machine's cores; each
+configuration's two runs bracket the others', so a drift in machine load hits every side alike,
+and each figure is from the mean of its two run times. Thread
+counts, the 1-min load average around each run and ``cpu_util`` (process CPU s / wall s of the
+timed region) are reported; ``machine_contended`` is true when the load average went above
+nproc + 1, i.e. other processes competed for the cores and the absolute figures are depressed
+(the ratio less so).
 ``greedy_rows_identical_vllm_hf`` compares each request's tokens between vLLM and HF's best
 batch (random weights: near-ties may flip a few rows under left padding; a sanity check that
 both sides do the same work, not the claim).
@@ -114,11 +125,10 @@ def midsize_lengths(n: int = 64, lo: int = 8, hi: int = 128, seed: int = 0) -> l
 
 
 WORKLOADS = {
-    # vllm: engine settings measured, the first is the headline ("eager": the CPU default;
-    # "compiled": teacher.enforce_eager=false, torch.compile, ~1 min more start-up)
+    # vllm: the VLLM_MODES measured, the first is the headline
     "midsize": {"spec": "MIDSIZE", "n_prompts": 64, "lengths": "8..128 spread, per request",
-                "vllm": ("eager", "compiled")},
-    "tiny": {"spec": "TEACHER", "n_prompts": 32, "lengths": "16 each", "vllm": ("eager",)},
+                "vllm": ("default", "eager", "eager_no_prefix_cache")},
+    "tiny": {"spec": "TEACHER", "n_prompts": 32, "lengths": "16 each", "vllm": ("default",)},
 }
 
 
@@ -194,18 +204,29 @@ class HFSide:
                 "tokens_by_request": [toks[i] for i in range(len(self.prompts))]}
 
 
+# vLLM settings measured (TeacherConfig fields over llavadi's defaults); "default" is the headline
+VLLM_MODES = {
+    "default": {},  # what `llavadi regenerate` runs: on CPU compiled for >= 100M params, prefix cache on
+    "eager": {"enforce_eager": True},  # no torch.compile (prefix cache on)
+    "eager_no_prefix_cache": {"enforce_eager": True, "prefix_caching": False},  # neither (the plain engine)
+}
+
+
 class VLLMSide:
-    def __init__(self, model_dir: str, qs: list[str], lens: list[int], eager: bool = True):
+    def __init__(self, model_dir: str, qs: list[str], lens: list[int], mode: str = "default"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
         import torch
 
         from llavadi.pipeline.config import TeacherConfig
-        from llavadi.pipeline.teacher_engines import VLLMEngine
+        from llavadi.pipeline.teacher_engines import VLLMEngine, vllm_engine_kwargs
 
         self.torch = torch
+        teacher = TeacherConfig(model=model_dir, dtype="float32", **VLLM_MODES[mode])
+        kw = vllm_engine_kwargs(teacher, torch.cuda.is_available())
+        self.settings = {k: kw.get(k) for k in ("enforce_eager", "enable_prefix_caching", "block_size")}
         t0 = time.perf_counter()
-        self.eng = VLLMEngine(TeacherConfig(model=model_dir, dtype="float32", enforce_eager=eager))
+        self.eng = VLLMEngine(teacher)
         self.init_s = time.perf_counter() - t0
         self.prompts, self.lens = render(self.eng.tokenizer, qs), lens
         t0 = time.perf_counter()
@@ -214,25 +235,29 @@ class VLLMSide:
 
     def ready(self) -> dict:
         return {"init_s": self.init_s, "warmup_s": self.warmup_s, "torch_threads": self.torch.get_num_threads(),
-                "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
+                "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"), "settings": self.settings}
 
-    def _gen(self, prompts: list[str], lens: list[int]) -> list[list[int]]:
+    def _gen(self, prompts: list[str], lens: list[int]) -> tuple[list[list[int]], int]:
+        """(tokens per request, prompt tokens served from the prefix cache)."""
         from vllm import SamplingParams
 
+        # as the stage starts each shard: nothing cached from the previous run helps this one
+        self.eng.reset_cache()
         # built as VLLMEngine.generate builds them (greedy here), with the length forced per request
         params = [SamplingParams(n=1, temperature=0.0, top_p=1.0, top_k=0, max_tokens=n, min_tokens=n, seed=i,
                                  detokenize=False) for i, n in enumerate(lens)]
         outs = self.eng.llm.generate([{"prompt": p} for p in prompts], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        return [list(o.outputs[0].token_ids) for o in outs], sum(int(o.num_cached_tokens or 0) for o in outs)
 
     def run(self, arg: str) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
-        toks = self._gen(self.prompts, self.lens)
+        toks, cached = self._gen(self.prompts, self.lens)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         for t, n in zip(toks, self.lens):
             if len(t) != n:
                 raise RuntimeError(f"vLLM generated {len(t)} tokens for a request forced to {n}")
-        return {"wall_s": wall, "cpu_s": cpu, "tokens": sum(len(t) for t in toks), "tokens_by_request": toks}
+        return {"wall_s": wall, "cpu_s": cpu, "tokens": sum(len(t) for t in toks), "tokens_by_request": toks,
+                "prompt_tokens_cached": cached}
 
 
 def worker_main(kind: str, spec_path: str, fd: int) -> int:
@@ -241,7 +266,7 @@ def worker_main(kind: str, spec_path: str, fd: int) -> int:
     if kind == "hf":
         side = HFSide(spec["model"], spec["questions"], spec["lengths"])
     else:
-        side = VLLMSide(spec["model"], spec["questions"], spec["lengths"], eager=kind == "vllm-eager")
+        side = VLLMSide(spec["model"], spec["questions"], spec["lengths"], mode=kind.split(":", 1)[1])
     out.write(json.dumps({"event": "ready", **side.ready()}) + "\n")
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
@@ -258,11 +283,12 @@ class Worker:
         import psutil
 
         self.kind = kind
-        spec = work / f"{kind}-{name}.in.json"
+        tag = kind.replace(":", "-")
+        spec = work / f"{tag}-{name}.in.json"
         spec.write_text(json.dumps({"model": str(model_dir), "questions": qs, "lengths": lens}))
-        self.log = work / f"{kind}-{name}.log"
+        self.log = work / f"{tag}-{name}.log"
         env = dict(os.environ)
-        if kind.startswith("vllm"):
+        if kind.startswith("vllm:"):
             env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2")
         r, w = os.pipe()
         self._logf = open(self.log, "wb")
@@ -286,14 +312,16 @@ class Worker:
         t = self.ps.cpu_times()
         return t.user + t.system
 
-    def run(self, arg: str = "", peer: "Worker | None" = None) -> dict:
-        peer_c0 = peer.cpu_s() if peer else 0.0
+    def run(self, arg: str = "", peers: "list[Worker]" = ()) -> dict:
+        """One timed run; also the CPU seconds the other (idle) workers used meanwhile."""
+        others = [p for p in peers if p is not self]
+        peer_c0 = sum(p.cpu_s() for p in others)
         load0 = os.getloadavg()[0]
         self.proc.stdin.write(f"run {arg}\n")
         self.proc.stdin.flush()
         res = self._read()
         res["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after
-        res["idle_peer_cpu_s"] = round(peer.cpu_s() - peer_c0, 2) if peer else None
+        res["idle_peer_cpu_s"] = round(sum(p.cpu_s() for p in others) - peer_c0, 2)
         return res
 
     def close(self) -> None:
@@ -313,6 +341,7 @@ class Worker:
 # --------------------------------------------------------------------------- driver
 
 def bench_workload(work: Path, name: str) -> dict:
+    from llavadi.pipeline.teacher_engines import teacher_param_count
     from llavadi.stages.demo import tiny_models
 
     w = WORKLOADS[name]
@@ -320,14 +349,7 @@ def bench_workload(work: Path, name: str) -> dict:
     t0 = time.perf_counter()
     model_dir = tiny_models.build_tiny_llava(work / f"teacher-{name}", spec)
     build_s = time.perf_counter() - t0
-    n_params = None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(model_dir / "model.safetensors", "pt") as f:
-            n_params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
-    except Exception:  # noqa: BLE001 - informational only
-        pass
+    n_params = teacher_param_count(model_dir)
     qs, lens = workload_requests(name)
     total = sum(lens)
     batches = sorted({min(b, len(qs)) for b in HF_BATCHES}, reverse=True)
@@ -341,67 +363,73 @@ def bench_workload(work: Path, name: str) -> dict:
         vl_start = {}
         for mode in w["vllm"]:
             t0 = time.perf_counter()
-            vls[mode] = Worker("vllm" if mode == "compiled" else "vllm-eager", work, name, model_dir, qs, lens)
+            vls[mode] = Worker(f"vllm:{mode}", work, name, model_dir, qs, lens)
             vl_start[mode] = time.perf_counter() - t0
-        # each vLLM engine runs twice, bracketing the HF runs, so slow drifts in machine load hit both sides
-        runs_vl: dict[str, list] = {m: [] for m in vls}
-        runs_hf = {}
-        for m, vw in vls.items():
-            runs_vl[m].append(vw.run(peer=hf))
-            log(f"vLLM {m} run 1: {total / runs_vl[m][-1]['wall_s']:.1f} tok/s")
-        for b in batches:
-            for order in ("input", "sorted") if b < len(qs) else ("input",):  # one batch: order is moot
-                key = f"b{b}" if order == "input" else f"b{b}_sorted"
-                runs_hf[key] = hf.run(f"{b}:{order}", peer=next(iter(vls.values())))
-                r = runs_hf[key]
-                log(f"HF {key}: {total / r['wall_s']:.1f} tok/s ({r['tokens']} kept / {r['computed_tokens']} decoded)")
-        for m, vw in reversed(list(vls.items())):
-            runs_vl[m].append(vw.run(peer=hf))
-            log(f"vLLM {m} run 2: {total / runs_vl[m][-1]['wall_s']:.1f} tok/s")
+        # one untimed run of the whole workload per side first: the timed runs measure the steady
+        # state a stage reaches after its first shard (first-run costs: allocator growth, new shapes)
+        every = [*vls.values(), hf]
+        warm = {f"vllm_{m}": vw.run(peers=every) for m, vw in vls.items()}
+        warm[f"hf_b{max(batches)}"] = hf.run(f"{max(batches)}:input", peers=every)
+        for k, r in warm.items():
+            log(f"warm-up run {k}: {total / r['wall_s']:.1f} tok/s")
+        hf_cfgs = [(f"b{b}" if order == "input" else f"b{b}_sorted", f"{b}:{order}") for b in batches
+                   for order in (("input", "sorted") if b < len(qs) else ("input",))]  # one batch: order is moot
+        # two rounds, the second in reverse order, so each configuration's two runs bracket the others
+        # and a slow drift in machine load hits every side alike; a figure is from the mean of its two runs
+        steps = [("vllm", m) for m in vls] + [("hf", c) for c in hf_cfgs]
+        runs: dict[str, list] = {}
+        for rnd, order in ((1, steps), (2, steps[::-1])):
+            for side, what in order:
+                if side == "vllm":
+                    key, r = f"vllm_{what}", vls[what].run(peers=every)
+                else:
+                    key, r = f"hf_{what[0]}", hf.run(what[1], peers=every)
+                runs.setdefault(key, []).append(r)
+                extra = f" ({r['tokens']} kept / {r['computed_tokens']} decoded)" if side == "hf" else ""
+                log(f"{key} run {rnd}: {total / r['wall_s']:.1f} tok/s{extra}")
     finally:
         for wk in [*vls.values(), hf]:
             if wk is not None:
                 wk.close()
 
-    for r in [x for rs in runs_vl.values() for x in rs] + list(runs_hf.values()):
+    for r in [x for rs in runs.values() for x in rs]:
         if r["tokens"] != total:
             raise RuntimeError(f"token count {r['tokens']} != forced total {total}")
+    tps = {k: total / (sum(r["wall_s"] for r in rs) / len(rs)) for k, rs in runs.items()}
     head = w["vllm"][0]
-    vl_tps = {m: total / (sum(r["wall_s"] for r in rs) / len(rs)) for m, rs in runs_vl.items()}
+    vl_head = tps[f"vllm_{head}"]
     out: dict = {"teacher": w["spec"], "teacher_params": n_params, "n_prompts": len(qs), "text_only": True,
                  "answer_lengths": w["lengths"], "min_len": min(lens), "max_len": max(lens),
                  "total_generated_tokens": total, "prompt_tokens": hf.ready["prompt_tokens"],
-                 "vllm_headline_mode": head, "vllm_tok_s": round(vl_tps[head], 1)}
-    for m, rs in runs_vl.items():
-        out[f"vllm_{m}_tok_s"] = round(vl_tps[m], 1)
-        out[f"vllm_{m}_runs_tok_s"] = [round(total / r["wall_s"], 1) for r in rs]
-        out[f"vllm_{m}_cpu_util"] = [round(r["cpu_s"] / r["wall_s"], 2) for r in rs]
-        out[f"vllm_{m}_runs_identical"] = rs[0]["tokens_by_request"] == rs[1]["tokens_by_request"]
-    best = oracle = None
-    for key in sorted(runs_hf):
-        r = runs_hf[key]
-        tps = total / r["wall_s"]
-        out[f"hf_{key}_tok_s"] = round(tps, 1)
-        out[f"hf_{key}_computed_tokens"] = r["computed_tokens"]
-        out[f"hf_{key}_cpu_util"] = round(r["cpu_s"] / r["wall_s"], 2)
-        if r["order"] == "input" and (best is None or tps > best[1]):
-            best = (key, tps, r)
-        if oracle is None or tps > oracle[1]:
-            oracle = (key, tps, r)
-    key, tps, r = best
-    out["hf_best_batch"] = key
-    out["hf_best_tok_s"] = round(tps, 1)
-    out["hf_oracle_best_batch"] = oracle[0]
-    out["hf_oracle_best_tok_s"] = round(oracle[1], 1)
-    out["ratio_vllm_over_hf_best"] = round(vl_tps[head] / tps, 3)
-    out["ratio_vllm_over_hf_oracle_best"] = round(vl_tps[head] / oracle[1], 3)
-    for m in runs_vl:
-        out[f"ratio_vllm_{m}_over_hf_best"] = round(vl_tps[m] / tps, 3)
-        out[f"ratio_vllm_{m}_over_hf_oracle_best"] = round(vl_tps[m] / oracle[1], 3)
-    same = sum(a == c for a, c in zip(runs_vl[head][0]["tokens_by_request"], r["tokens_by_request"]))
+                 "vllm_headline_mode": head, "vllm_tok_s": round(vl_head, 1)}
+    for k, rs in runs.items():
+        out[f"{k}_tok_s"] = round(tps[k], 1)
+        out[f"{k}_runs_tok_s"] = [round(total / r["wall_s"], 1) for r in rs]
+        out[f"{k}_cpu_util"] = [round(r["cpu_s"] / r["wall_s"], 2) for r in rs]
+        out[f"{k}_runs_identical"] = rs[0]["tokens_by_request"] == rs[1]["tokens_by_request"]
+    for m in vls:
+        out[f"vllm_{m}_prompt_tokens_cached"] = [r["prompt_tokens_cached"] for r in runs[f"vllm_{m}"]]
+        out[f"vllm_{m}_settings"] = vls[m].ready["settings"]
+    hf_keys = [f"hf_{c}" for c, _ in hf_cfgs]
+    for k in hf_keys:
+        out[f"{k}_computed_tokens"] = runs[k][0]["computed_tokens"]
+    # best: HF batches in request order (what a real pipeline can do); oracle: any, sorted included
+    best = max((k for k in hf_keys if runs[k][0]["order"] == "input"), key=lambda k: tps[k])
+    oracle = max(hf_keys, key=lambda k: tps[k])
+    out["hf_best_batch"] = best[len("hf_"):]
+    out["hf_best_tok_s"] = round(tps[best], 1)
+    out["hf_oracle_best_batch"] = oracle[len("hf_"):]
+    out["hf_oracle_best_tok_s"] = round(tps[oracle], 1)
+    out["ratio_vllm_over_hf_best"] = round(vl_head / tps[best], 3)
+    out["ratio_vllm_over_hf_oracle_best"] = round(vl_head / tps[oracle], 3)
+    for m in vls:
+        out[f"ratio_vllm_{m}_over_hf_best"] = round(tps[f"vllm_{m}"] / tps[best], 3)
+        out[f"ratio_vllm_{m}_over_hf_oracle_best"] = round(tps[f"vllm_{m}"] / tps[oracle], 3)
+    same = sum(a == c for a, c in zip(runs[f"vllm_{head}"][0]["tokens_by_request"],
+                                      runs[best][0]["tokens_by_request"]))
     out["greedy_rows_identical_vllm_hf"] = f"{same}/{len(qs)}"
-    out["timed_s"] = {**{f"vllm_{m}": [round(x["wall_s"], 2) for x in rs] for m, rs in runs_vl.items()},
-                      **{f"hf_{k}": round(runs_hf[k]["wall_s"], 2) for k in sorted(runs_hf)}}
+    out["warmup_run_tok_s"] = {k: round(total / r["wall_s"], 1) for k, r in warm.items()}
+    out["timed_s"] = {k: [round(x["wall_s"], 2) for x in rs] for k, rs in runs.items()}
     out["init_s"] = {"build_teacher": round(build_s, 1), "hf_load": round(hf.ready["init_s"], 1),
                      "hf_warmup": round(hf.ready["warmup_s"], 2), "hf_worker_start": round(hf_start, 1),
                      **{f"vllm_{m}_engine_init": round(vw.ready["init_s"], 1) for m, vw in vls.items()},
@@ -413,18 +441,9 @@ def bench_workload(work: Path, name: str) -> dict:
     # Machine conditions: 1-min load average before/after each timed run (others' processes on
     # the machine slow both sides), CPU used by the idle side meanwhile (should be ~0), and
     # cpu_util above (process CPU s / wall s; ~nproc when a side had the cores to itself).
-    out["loadavg_1m"] = {**{f"vllm_{m}": [x["loadavg_1m"] for x in rs] for m, rs in runs_vl.items()},
-                         **{f"hf_{k}": runs_hf[k]["loadavg_1m"] for k in sorted(runs_hf)}}
-    out["idle_peer_cpu_s"] = {**{f"during_vllm_{m}": [x["idle_peer_cpu_s"] for x in rs] for m, rs in runs_vl.items()},
-                              **{f"during_hf_{k}": runs_hf[k]["idle_peer_cpu_s"] for k in sorted(runs_hf)}}
+    out["loadavg_1m"] = {k: [x["loadavg_1m"] for x in rs] for k, rs in runs.items()}
+    out["idle_peer_cpu_s"] = {k: [x["idle_peer_cpu_s"] for x in rs] for k, rs in runs.items()}
     return out
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def main(argv=None) -> int:
@@ -432,7 +451,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")
     ap.add_argument("--workloads", default="midsize,tiny", help="comma-separated: midsize,tiny (default both)")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed afterwards)")
-    ap.add_argument("--worker", choices=["hf", "vllm", "vllm-eager"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["hf", *(f"vllm:{m}" for m in VLLM_MODES)], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -462,9 +481,10 @@ def main(argv=None) -> int:
         result["hf_best_tok_s_midsize"] = m["hf_best_tok_s"]
         result["ratio_midsize_vs_hf_oracle_sorted"] = m["ratio_vllm_over_hf_oracle_best"]
         result["vllm_mode_midsize"] = m["vllm_headline_mode"]
-        if "ratio_vllm_compiled_over_hf_best" in m:
-            result["ratio_midsize_vllm_compiled"] = m["ratio_vllm_compiled_over_hf_best"]
-            result["vllm_engine_init_s_midsize"] = {k: v for k, v in m["init_s"].items() if k.endswith("engine_init")}
+        for mode in WORKLOADS["midsize"]["vllm"][1:]:
+            result[f"ratio_midsize_vllm_{mode}"] = m[f"ratio_vllm_{mode}_over_hf_best"]
+        result["vllm_settings_midsize"] = m[f"vllm_{m['vllm_headline_mode']}_settings"]
+        result["vllm_engine_init_s_midsize"] = {k: v for k, v in m["init_s"].items() if k.endswith("engine_init")}
     if "tiny" in results:
         t = results["tiny"]
         result["ratio_tiny"] = t["ratio_vllm_over_hf_best"]
@@ -481,11 +501,12 @@ def main(argv=None) -> int:
                         "and, as an oracle bound, sorted by L_i (hf_oracle_best), each batch forced to its max L_i, "
                         "rows cut to L_i (decoded-but-discarded tokens in hf_b*_computed_tokens); tok/s = sum(L_i) "
                         "/ timed seconds (tokenisation + generation; load/init/warm-up excluded); each side in its "
-                        "own persistent subprocess, runs alternated: vLLM, HF b64, HF b16, HF b16 sorted, vLLM "
-                        "(vllm_tok_s from the mean of its two runs); vLLM eager (the CPU default, the headline) and, "
-                        "on midsize, compiled (teacher.enforce_eager=false)")
-    loads = [x for r in results.values() for v in r["loadavg_1m"].values()
-             for x in (v if isinstance(v[0], (int, float)) else [y for pair in v for y in pair])]
+                        "own persistent subprocess, runs alternated in two rounds (vLLM modes, HF b64, HF b16, HF b16 "
+                        "sorted, then reversed; each figure from the mean of its two runs), after one untimed run of the whole workload per "
+                        "side; vLLM modes: default (the headline: llavadi's settings), and on midsize eager "
+                        "(teacher.enforce_eager=true) and eager_no_prefix_cache (also teacher.prefix_caching=false); "
+                        "prefix cache emptied before every run")
+    loads = [x for r in results.values() for runs in r["loadavg_1m"].values() for pair in runs for x in pair]
     result["max_loadavg_1m"] = max(loads)
     # our own side accounts for ~nproc of the load average; well above that, others competed for the cores
     result["machine_contended"] = max(loads) > machine["nproc"] + 1

@@ -1,5 +1,6 @@
 """``llavadi status RUN``: per stage, shards total/done and samples in/out/rejected (by reason),
-read only from ``_stage.json`` and the ``_done`` markers (cheap on any size of run)."""
+read only from ``_stage.json`` and the ``_done`` markers (cheap on any size of run); regenerate
+adds its generation figures from ``stats/``."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,9 @@ def collect(run_dir: Path | str) -> dict:
             continue
         manifest = sd.read_manifest() or {}
         fp = manifest.get("fingerprint")
-        done = [d for d in (sd.read_done(i) for i in sd.done_indices()) if d and d.get("fingerprint") == fp]
+        markers = {i: sd.read_done(i) for i in sd.done_indices()}
+        done_idx = [i for i, d in markers.items() if d and d.get("fingerprint") == fp]
+        done = [markers[i] for i in done_idx]
         counts = {"in": 0, "out": 0, "rejected": 0}
         reasons: dict[str, int] = {}
         for d in done:
@@ -37,6 +40,7 @@ def collect(run_dir: Path | str) -> dict:
             except (OSError, json.JSONDecodeError):
                 lock = {"state": "unreadable"}
         stages[name] = {
+            **({"generation": _generation(sd, done_idx)} if name == "regenerate" else {}),
             "fingerprint": fp,
             "shards_total": manifest.get("shards_total"),
             "shards_done": len(done),
@@ -46,6 +50,23 @@ def collect(run_dir: Path | str) -> dict:
             "running": lock,
         }
     return {"run_dir": str(run_dir), "stages": stages}
+
+
+def _generation(sd: StageDir, shards: list[int]) -> dict:
+    """regenerate/: tokens generated, seconds generating, tokens/s and prompt tokens served from the
+    prefix cache, summed over the done shards' ``stats/`` files (a missing one counts as nothing)."""
+    tot = {"generated_tokens": 0, "generate_seconds": 0.0, "prompt_tokens_cached": 0}
+    for i in shards:
+        try:
+            st = json.loads(sd.stats_file(i).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for k in tot:
+            tot[k] += st.get(k) or 0
+    tot["generate_seconds"] = round(tot["generate_seconds"], 3)
+    secs = tot["generate_seconds"]
+    tot["generated_tokens_per_s"] = round(tot["generated_tokens"] / secs, 1) if secs > 0 else None
+    return tot
 
 
 def _lock(sd: StageDir):
@@ -106,6 +127,10 @@ def render(status: dict) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     for name, s in status["stages"].items():
+        g = s.get("generation")
+        if g and g["generated_tokens"]:
+            lines.append(f"{name}: {g['generated_tokens']} tokens generated, {g['generated_tokens_per_s']} tok/s, "
+                         f"{g['prompt_tokens_cached']} prompt tokens from the prefix cache")
         if s["rejected_by_reason"]:
             lines.append(f"{name} rejects: " + ", ".join(f"{k}={v}" for k, v in s["rejected_by_reason"].items()))
     if not status["stages"]:

@@ -428,8 +428,11 @@ class VLLMTeacherForcer:
         self.head_w, self.head_b = head["weight"].float(), head.get("bias")
         self.hidden_size = int(self.head_w.shape[1])
         kw = vllm_engine_kwargs(teacher, torch.cuda.is_available())
-        # prefix caching off: every position's hidden state must be computed (and captured)
+        # prefix caching off: every position's hidden state must be computed (and captured); so the
+        # small CPU block, there only for prefix reuse, is not needed either (unless set explicitly)
         kw.update(enable_prefix_caching=False, max_logprobs=max(20, top_k), logprobs_mode="raw_logprobs")
+        if teacher.kv_block_size is None:
+            kw.pop("block_size", None)
         # always eager, whatever teacher.enforce_eager says: the final-norm hook must run on every
         # forward, and a replayed CUDA graph (or a compiled graph) would skip its Python side effect
         kw["enforce_eager"] = True

@@ -70,6 +70,10 @@ def test_greedy_vllm_and_hf_give_identical_tokens(ingested, tmp_path, tiny_teach
     assert t["name"] == "teacher" and len(t["weights"]) == 16
     st = status_json(a)["stages"]["regenerate"]
     assert st["complete"] and st["samples"]["out"] == 120
+    gen = st["generation"]  # summed from stats/: checked against the rows and the per-shard files
+    assert gen["generated_tokens"] == sum(sum(r["turn_num_tokens"]) for r in ra) > 0
+    assert gen["prompt_tokens_cached"] == sum(cached_tokens(a)) and gen["generated_tokens_per_s"] > 0
+    assert f"regenerate: {gen['generated_tokens']} tokens generated" in cli("status", a).stdout
 
 
 def test_turn_two_is_conditioned_on_the_teachers_own_turn_one(ingested, tmp_path, tiny_teacher, synth):
