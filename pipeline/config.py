@@ -87,10 +87,10 @@ class TeacherConfig:
     num_actors: int = 1  # engine replicas (Ray actors), each loads the teacher once
     gpus_per_actor: float = 0.0  # 0 on CPU; = tensor_parallel_size on GPU machines
     cpus_per_actor: float = 1.0
-    # regenerate's vLLM engine: None = vLLM's default on GPU (compiled + CUDA graphs); on CPU compiled
-    # for teachers of >= 100M parameters (torch.compile adds ~1 min to the start and decodes ~30 %
-    # faster on a 164M teacher: benchmarks/regenerate.py), eager below (start-up would dominate).
-    # cache-teacher is always eager (its hook must run on every forward).
+    # regenerate's vLLM engine: None = eager on CPU (torch.compile adds ~1 min to the start, needs a
+    # C++ compiler, and decoded only 0-6 % faster on a 164M teacher in three runs of
+    # benchmarks/regenerate.py), vLLM's default on GPU (compiled + CUDA graphs). cache-teacher is
+    # always eager (its hook must run on every forward).
     enforce_eager: Optional[bool] = None
     # regenerate's vLLM engine reuses the KV of prompt prefixes it has computed: the system prompt
     # every request shares, and turn t's whole conversation inside turn t+1's prompt. Emptied at the

@@ -113,46 +113,22 @@ def safetensors_files(model_dir: Path) -> list[str]:
     return ["model.safetensors"]
 
 
-COMPILE_MIN_PARAMS = 100_000_000  # CPU: teachers this large are compiled by default (enforce_eager=None)
 CPU_KV_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
-
-
-def teacher_param_count(model_dir: str | Path) -> Optional[int]:
-    """Parameters in the teacher's safetensors (read from the headers, no weights loaded);
-    None when it has none (e.g. ``.bin`` weights)."""
-    from safetensors import safe_open
-
-    d = Path(model_dir)
-    files = safetensors_files(d)
-    if not all((d / f).exists() for f in files):
-        return None
-    n = 0
-    for f in files:
-        with safe_open(d / f, "pt") as sf:
-            for k in sf.keys():
-                size = 1
-                for dim in sf.get_slice(k).get_shape():
-                    size *= int(dim)
-                n += size
-    return n
 
 
 def vllm_engine_kwargs(teacher: TeacherConfig, on_gpu: bool) -> dict:
     """``vllm.LLM`` arguments for regenerate's engine (cache-teacher's forcer overrides a few).
 
-    ``enforce_eager`` None: vLLM's default on GPU (compiled + CUDA graphs); on CPU compiled for
-    teachers of >= ``COMPILE_MIN_PARAMS`` (torch.compile costs ~1 min at start, repaid within
-    minutes of decoding), eager below. Prefix caching per ``teacher.prefix_caching``, in blocks of
+    ``enforce_eager`` None: eager on CPU (compiling costs ~1 min at start and a C++ toolchain for a
+    few % of decoding speed), vLLM's default on GPU (compiled + CUDA graphs). Prefix caching per ``teacher.prefix_caching``, in blocks of
     ``teacher.kv_block_size`` (None: ``CPU_KV_BLOCK_SIZE`` on CPU, vLLM's default on GPU)."""
     kw = dict(model=teacher.model, tokenizer=teacher.model, dtype=resolve_dtype(teacher.dtype, on_gpu),
               max_model_len=max_model_len(teacher), tensor_parallel_size=teacher.tensor_parallel_size,
               seed=0, enable_prefix_caching=teacher.prefix_caching, limit_mm_per_prompt={"image": 1})
     if on_gpu:
         kw["gpu_memory_utilization"] = teacher.gpu_memory_utilization
-    if teacher.enforce_eager is not None:
-        kw["enforce_eager"] = bool(teacher.enforce_eager)
-    elif not on_gpu:
-        kw["enforce_eager"] = (teacher_param_count(teacher.model) or 0) < COMPILE_MIN_PARAMS
+    if teacher.enforce_eager is not None or not on_gpu:
+        kw["enforce_eager"] = True if teacher.enforce_eager is None else bool(teacher.enforce_eager)
     block = teacher.kv_block_size or (None if on_gpu else CPU_KV_BLOCK_SIZE)
     if block:
         kw["block_size"] = block
