@@ -88,7 +88,7 @@ class TeacherConfig:
     gpus_per_actor: float = 0.0  # 0 on CPU; = tensor_parallel_size on GPU machines
     cpus_per_actor: float = 1.0
     # regenerate's vLLM engine: None = eager on CPU (torch.compile adds ~1 min to the start, needs a
-    # C++ compiler, and decoded only 0-6 % faster on a 164M teacher in three runs of
+    # C++ compiler, and decoded only 0-6 % faster on a 164M teacher in four runs of
     # benchmarks/regenerate.py), vLLM's default on GPU (compiled + CUDA graphs). cache-teacher is
     # always eager (its hook must run on every forward).
     enforce_eager: Optional[bool] = None

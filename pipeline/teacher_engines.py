@@ -119,16 +119,19 @@ CPU_KV_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
 def vllm_engine_kwargs(teacher: TeacherConfig, on_gpu: bool) -> dict:
     """``vllm.LLM`` arguments for regenerate's engine (cache-teacher's forcer overrides a few).
 
-    ``enforce_eager`` None: eager on CPU (compiling costs ~1 min at start and a C++ toolchain for a
-    few % of decoding speed), vLLM's default on GPU (compiled + CUDA graphs). Prefix caching per ``teacher.prefix_caching``, in blocks of
-    ``teacher.kv_block_size`` (None: ``CPU_KV_BLOCK_SIZE`` on CPU, vLLM's default on GPU)."""
+    ``enforce_eager`` None: eager on CPU (compiling costs ~1 min at start and a C++ toolchain for
+    a few % of decoding speed), vLLM's default on GPU (compiled + CUDA graphs). Prefix caching per
+    ``teacher.prefix_caching``, in blocks of ``teacher.kv_block_size`` (None: ``CPU_KV_BLOCK_SIZE``
+    on CPU, vLLM's default on GPU)."""
     kw = dict(model=teacher.model, tokenizer=teacher.model, dtype=resolve_dtype(teacher.dtype, on_gpu),
               max_model_len=max_model_len(teacher), tensor_parallel_size=teacher.tensor_parallel_size,
               seed=0, enable_prefix_caching=teacher.prefix_caching, limit_mm_per_prompt={"image": 1})
     if on_gpu:
         kw["gpu_memory_utilization"] = teacher.gpu_memory_utilization
-    if teacher.enforce_eager is not None or not on_gpu:
-        kw["enforce_eager"] = True if teacher.enforce_eager is None else bool(teacher.enforce_eager)
+    if teacher.enforce_eager is not None:
+        kw["enforce_eager"] = bool(teacher.enforce_eager)
+    elif not on_gpu:
+        kw["enforce_eager"] = True
     block = teacher.kv_block_size or (None if on_gpu else CPU_KV_BLOCK_SIZE)
     if block:
         kw["block_size"] = block

@@ -22,9 +22,10 @@ def launch(args: list, env: dict | None = None) -> subprocess.Popen:
 
 
 def kill_at(args: list, reached: Callable[[subprocess.Popen], bool], delay: float, timeout: float = 600,
-            env: dict | None = None) -> int:
-    """Launch; once ``reached(proc)`` holds, wait ``delay`` s more and SIGKILL the process group.
-    Returns the exit status (``-SIGKILL`` when the kill landed, 0 when it finished first)."""
+            env: dict | None = None, cap: Callable[[], bool] | None = None) -> int:
+    """Launch; once ``reached(proc)`` holds, wait ``delay`` s more and SIGKILL the process group —
+    at once, whatever the delay, when ``cap()`` holds first. Returns the exit status (``-SIGKILL``
+    when the kill landed, 0 when it finished first)."""
     proc = launch(args, env)
     t0 = time.time()
     fire_at = None
@@ -32,7 +33,7 @@ def kill_at(args: list, reached: Callable[[subprocess.Popen], bool], delay: floa
         now = time.time()
         if fire_at is None and reached(proc):
             fire_at = now + delay
-        if fire_at is not None and now >= fire_at:
+        if (fire_at is not None and now >= fire_at) or (cap is not None and cap()):
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.005)
@@ -83,7 +84,10 @@ class Campaign:
       work (a shard's done marker, a checkpoint) — inside the next unit: mid-shard, mid-step, at a
       commit or a checkpoint write. These guarantee the campaign reaches into the stage's work.
 
-    Then the caller runs the command to the end."""
+    Whatever its delay, a launch is killed as soon as it has kept one new unit (even kills) or two
+    (odd kills): a launch that starts faster than the reference run must not run through a fast
+    stage, so the ten kills land before the stage can finish. Then the caller runs the command to
+    the end."""
 
     args: list
     lock: Path
@@ -102,12 +106,24 @@ class Campaign:
             delay = rng.uniform(0.0, self.unit_s if mid else self.window_s)
             reached = after_new_work(self.lock, self.progress) if mid else holds_lock(self.lock)
             before = self.progress()
-            rc = kill_at(self.args, reached, delay, env=self.env)
+            rc = kill_at(self.args, reached, delay, env=self.env, cap=self._units_kept(before, 2 if mid else 1))
             self.log.append({"kind": "after-work" if mid else "after-lock", "delay_s": round(delay, 3), "rc": rc,
                              "progress": [before, self.progress()]})
             if rc == 0:
                 break
         return self.log
+
+    def _units_kept(self, before: int, n: int) -> Callable[[], bool]:
+        """True once progress has advanced ``n`` times since ``before`` (a unit may add more than
+        1 to it: a checkpoint every 2 steps)."""
+        seen = [before]
+
+        def check() -> bool:
+            p = self.progress()
+            if p != seen[-1]:
+                seen.append(p)
+            return len(seen) - 1 >= n
+        return check
 
     @property
     def killed(self) -> int:
