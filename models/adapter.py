@@ -1,0 +1,188 @@
+"""One model directory as llavadi sees it: its family, processor, prompt format and stop tokens, and
+the two things every stage asks of it — where the answer tokens of a conversation are, and the
+forward inputs of a sample.
+
+Answer tokens (what cache-teacher caches and train-student trains on) are each assistant text plus
+the end-of-turn token the prompt format emits: the tokens that the rendered conversation through answer t and the
+whole conversation share after the rendered prompt of turn t (whose ids must be a prefix of both),
+cut after the first stop token (``eos_token_id`` of ``generation_config.json`` and the tokenizer:
+``</s>``, ``<|im_end|>``, ``<end_of_turn>`` …) — a template's text after it (a newline) is not
+something the model generates. They are found on the text's own tokens, then moved past the image
+expansion read off the processor's output for that very image (anyres, dynamic resolution): the
+number of image tokens is never assumed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .base import Family, collate
+from .prompts import PromptRenderer, place_image, split_system
+
+
+@dataclass
+class TextConversation:
+    """A conversation rendered and tokenised, image placeholder NOT expanded:
+    ``ids [L_text]``, ``spans`` = ``[start, end)`` of every answer in ``ids``."""
+
+    text: str
+    ids: list[int]
+    spans: list[tuple[int, int]]
+
+
+@dataclass
+class Encoded:
+    """A sample as the model sees it: ``ids [L]`` (image expanded), answer ``spans`` in ``ids`` and the
+    forward inputs (processor outputs the family's forward takes, tensors with batch dimension 1)."""
+
+    ids: list[int]
+    spans: list[tuple[int, int]]
+    inputs: dict
+
+    @property
+    def positions(self) -> list[int]:
+        """Positions whose next-token logits predict the answer tokens (``p - 1`` for token ``p``)."""
+        return [p - 1 for a, b in self.spans for p in range(a, b)]
+
+    @property
+    def answer_ids(self) -> list[int]:
+        return [self.ids[p] for a, b in self.spans for p in range(a, b)]
+
+
+def stop_token_ids(model_dir: str | Path, tokenizer) -> set[int]:
+    """End-of-turn ids: ``generation_config.json``'s ``eos_token_id`` (int or list) and the tokenizer's."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gc = Path(model_dir) / "generation_config.json"
+    if gc.exists():
+        e = json.loads(gc.read_text()).get("eos_token_id")
+        ids.update(int(x) for x in (e if isinstance(e, list) else [e]) if x is not None)
+    return ids
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ModelAdapter:
+    """``model_dir``'s family, processor and prompt format (``auto`` | ``llava_v1`` | Jinja path).
+
+    Raises ``UnsupportedModel`` (a ``ValueError``) for a family llavadi does not know, ``ValueError``
+    for a prompt format the checkpoint cannot give (``auto`` without a chat template)."""
+
+    def __init__(self, model_dir: str | Path, prompt_format: str = "auto", processor=None):
+        from . import family_of, load_processor
+
+        self.model_dir = str(model_dir)
+        self.family: Family = family_of(model_dir)
+        self.processor = processor if processor is not None else load_processor(model_dir)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.prompt_format = prompt_format
+        self.renderer = PromptRenderer(self.processor, prompt_format, self.family.placeholder(self.processor))
+        self.stop_ids = stop_token_ids(model_dir, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    # ------------------------------------------------------------------ prompts
+
+    def prompt(self, turns: Sequence[dict], has_image: bool) -> str:
+        """Text that prompts the next assistant answer after ``turns`` (ending with a human turn)."""
+        return self.renderer.render(place_image(turns, has_image), add_generation_prompt=True)
+
+    def conversation(self, turns: Sequence[dict], has_image: bool) -> TextConversation:
+        """Render + tokenise a whole conversation and locate its answers (module doc). Raises
+        ``Reject`` (``image_placement``, ``token_mismatch``)."""
+        from ..schemas.samples import Reject
+
+        turns = place_image(turns, has_image)
+        sys_turn, body = split_system(turns)
+        head = turns[: len(turns) - len(body)]
+        ids = lambda text: self.family.text_ids(self.processor, text)  # noqa: E731
+        full_text = self.renderer.render(turns, add_generation_prompt=False)
+        full = ids(full_text)
+        spans = []
+        for t in range(len(body) // 2):
+            p = ids(self.renderer.render(head + body[: 2 * t + 1], add_generation_prompt=True))
+            pa = ids(self.renderer.render(head + body[: 2 * t + 2], add_generation_prompt=False))
+            if pa[: len(p)] != p:
+                raise Reject("token_mismatch", f"turn {t}: prompt ids are not a prefix of prompt+answer ids")
+            if full[: len(p)] != p:
+                raise Reject("token_mismatch", f"turn {t}: the prompt's ids are not a prefix of the conversation's ids")
+            # the answer: what prompt+answer and the whole conversation share after the prompt, cut
+            # after the first stop token; trailing whitespace-only tokens dropped (a template that ends
+            # answers with a space — llava-1.5-hf's — would otherwise merge it with the next turn)
+            end = len(p) + _common_prefix(pa[len(p):], full[len(p):])
+            for j in range(len(p), end):
+                if pa[j] in self.stop_ids:
+                    end = j + 1
+                    break
+            else:
+                while end > len(p) and not self.tokenizer.decode([pa[end - 1]]).strip():
+                    end -= 1
+            if end == len(p):
+                raise Reject("token_mismatch", f"turn {t}: the answer has no tokens")
+            spans.append((len(p), end))
+        return TextConversation(full_text, full, spans)
+
+    # ------------------------------------------------------------------ forward inputs
+
+    def processor_outputs(self, text: str, image) -> dict:
+        """The processor's own outputs for one sample (``Reject("processor_error")`` when it fails)."""
+        from ..schemas.samples import Reject
+
+        try:
+            return self.family.processor_call(self.processor, text, image)
+        except Exception as e:  # a record the processor cannot take is that record's problem
+            raise Reject("processor_error", f"{type(e).__name__}: {e}"[:500]) from None
+
+    def encode(self, conv: TextConversation, image) -> Encoded:
+        """``conv`` with ``image`` (or None) as the model sees it. The processor's ids must equal the
+        text's ids outside the image expansion, and every answer must lie after it; else
+        ``Reject("token_mismatch")``."""
+        from ..schemas.samples import Reject
+
+        out = self.processor_outputs(conv.text, image)
+        E = [int(x) for x in out["input_ids"].reshape(-1).tolist()]
+        U = conv.ids
+        if image is None:
+            if E != U:
+                raise Reject("token_mismatch", "the processor tokenised the text-only conversation differently "
+                                               "from its tokenizer")
+            return Encoded(E, list(conv.spans), self.family.forward_inputs(out))
+        a = _common_prefix(U, E)
+        b = _common_prefix(U[::-1], E[::-1])
+        b = min(b, len(U) - a)
+        delta = len(E) - len(U)
+        first_after = len(U) - b  # U[first_after:] == E[first_after + delta:]
+        if any(s < first_after for s, _ in conv.spans):
+            raise Reject("token_mismatch", "an answer token lies inside the image expansion")
+        spans = [(s + delta, e + delta) for s, e in conv.spans]
+        return Encoded(E, spans, self.family.forward_inputs(out))
+
+    def prompt_inputs(self, text: str, image) -> dict:
+        """Forward inputs of a generation prompt (batch dimension 1)."""
+        return self.family.forward_inputs(self.processor_outputs(text, image))
+
+    def collate(self, encoded: Sequence[dict]) -> dict:
+        """Per-sample forward inputs → one right-padded batch (``models.base.collate``)."""
+        return collate(encoded, self.pad_token_id)
+
+
+def vllm_support(model_dir: str | Path) -> Optional[str]:
+    """None when vLLM's build here serves ``model_dir``'s family, else the reason it cannot."""
+    from . import family_of
+
+    fam = family_of(model_dir)
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return fam.vllm_cpu
