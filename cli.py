@@ -199,16 +199,18 @@ def train_student(run: Path = RunArg, overrides: Optional[List[str]] = Overrides
 def eval_cmd(run: Path = RunArg, overrides: Optional[List[str]] = OverridesArg,
              model: Optional[str] = typer.Option(None, "--model", help="model directory to evaluate (teacher or student)"),
              data: Optional[str] = typer.Option(None, "--data", help="held-out LLaVA .json/.jsonl with reference answers"),
-             image_root: Optional[str] = typer.Option(None, "--image-root", help="image folder of --data"),
+             image_root: Optional[str] = typer.Option(None, "--image-root", help="image folder of --data (eval.image_root; default: RUN's ingest.image_root)"),
              cache: Optional[str] = typer.Option(None, "--cache", help="held-out teacher cache dir (KL, perplexity)"),
+             cache_image_root: Optional[str] = typer.Option(None, "--cache-image-root", help="image folder of --cache's samples (eval.cache_image_root; default: the cache run's ingest.image_root)"),
              name: Optional[str] = typer.Option(None, "--name", help="result name (eval/<name>.json)"),
              engine: Optional[str] = typer.Option(None, "--engine", help="hf (default) or vllm"),
              config: Optional[str] = ConfigOpt) -> None:
     """Accuracy on held-out questions and KL-to-teacher / perplexity on a held-out cache."""
-    from .stages.eval import evaluate, preflight
+    from .stages.eval import EvalError, evaluate, preflight, summary
 
     flags = []
-    for key, val in (("eval.data", data), ("eval.image_root", image_root), ("eval.cache", cache)):
+    for key, val in (("eval.data", data), ("eval.image_root", image_root), ("eval.cache", cache),
+                     ("eval.cache_image_root", cache_image_root)):
         if val:
             flags.append(f"{key}=" + json.dumps(os.path.abspath(val)))
     if engine:
@@ -220,12 +222,13 @@ def eval_cmd(run: Path = RunArg, overrides: Optional[List[str]] = OverridesArg,
     problems = preflight(cfg, model)
     if problems:
         _fail("eval: cannot start:\n  " + "\n  ".join(problems), 2)
-    res = evaluate(run, cfg, model, name)
-    a, c = res.get("answers", {}), res.get("teacher_cache", {})
-    typer.echo(f"eval {res['name']}: " + ", ".join(
-        [f"accuracy {a['accuracy']:.3f} exact {a['exact_match']:.3f} on {a['questions']} questions"] * bool(a)
-        + [f"KL to teacher {c['kl_to_teacher']:.4f}, perplexity {c['perplexity']:.3f}"] * bool(c))
-        + f" → {run / 'eval' / (res['name'] + '.json')}")
+    try:
+        res = evaluate(run, cfg, model, name)
+    except EvalError as e:
+        _fail(str(e), e.exit_code)
+    typer.echo(summary(res, run))
+    if res.get("problems"):
+        _fail("; ".join(res["problems"]), 1)
 
 
 @app.command()

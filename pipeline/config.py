@@ -269,8 +269,9 @@ class EvalConfig:
 
     engine: Literal["hf", "vllm"] = "hf"
     data: Optional[str] = None  # held-out LLaVA JSON/JSONL with reference answers
-    image_root: Optional[str] = None  # defaults to ingest.image_root
+    image_root: Optional[str] = None  # images of `data`; defaults to ingest.image_root
     cache: Optional[str] = None  # a held-out teacher cache directory (…/cache_teacher) for KL / perplexity
+    cache_image_root: Optional[str] = None  # images of the cache's samples; defaults to its run's ingest.image_root
     max_new_tokens: int = 16
     max_samples: int = 0  # 0 = all
 

@@ -1,24 +1,37 @@
 """``llavadi eval``: score a model (the teacher or any student checkpoint).
 
-1. **Answers** on a held-out LLaVA file (``eval.data``): every human turn is asked with the
-   *reference* history before it, the model answers greedily (HF or vLLM engine), and the answer
-   is scored against the reference: ``accuracy`` = VQA-style match after the standard answer
-   normalisation (lower-case, punctuation, number words → digits, articles, contractions);
-   ``exact_match`` = identical strings after stripping whitespace.
+1. **Answers** on held-out questions (``eval.data``, ``--data``): a LLaVA conversation file
+   (.json list / .jsonl / .parquet; every human turn is asked with the *reference* history before
+   it) or a LLaVA eval question file (JSONL of ``question_id``/``image``/``text``[/``category``],
+   as read by LLaVA's ``model_vqa.py``; references in ``answer`` or VQA-style ``answers``). Rows are
+   read by ingest's reader and validated by ingest's record validator: a bad row (malformed turns,
+   a ``system`` turn, a missing image, …) is a reject with ingest's reason, written to
+   ``eval/<name>.rejects.jsonl`` and counted; the rest are answered greedily (HF or vLLM engine).
+   ``accuracy`` = VQA-style match after the standard answer normalisation (lower-case,
+   punctuation, number words → digits, articles, contractions); ``exact_match`` = identical
+   strings after stripping whitespace. Questions without a reference are answered, not scored.
+   Every answer goes to ``eval/<name>.answers.jsonl`` (LLaVA's answers-file format). Images are
+   read from ``eval.image_root`` (``--image-root``), else this run's ``ingest.image_root``.
 2. **KL to the teacher and perplexity** on a held-out teacher cache (``eval.cache``): at every
    cached answer token, KL(teacher ‖ model) on the teacher's top-k + tail bucket and the
-   model's cross-entropy; ``perplexity = exp(mean CE)``.
+   model's cross-entropy; ``perplexity = exp(mean CE)``. The cache's sample images are read from
+   ``eval.cache_image_root`` (``--cache-image-root``), else the image root of the run the cache
+   belongs to (its ``config.yaml``).
 
+Never a score over nothing: no valid question → ``EvalError`` (exit 2) before any model work; a
+cache with no scorable sample → no KL/perplexity and a line in ``problems`` (exit 1).
 Writes ``RUN/eval/<name>.json`` (name defaults to the model directory's name).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..pipeline import atomic
 from ..pipeline.config import LlavadiConfig, TeacherConfig
@@ -73,52 +86,220 @@ def vqa_accuracy(pred: str, refs: list[str]) -> float:
     return min(1.0, matches / 3.0) if len(refs) >= 3 else float(matches > 0)
 
 
-# --------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------- held-out questions
+# Read through ingest's reader (``read_raw``) and record validator (``validate_record``): a
+# held-out row passes exactly when ingest would take it, and a bad one is a reject with ingest's
+# reason (``schemas.samples.REASONS``) plus these eval-only ones.
+EVAL_REASONS = {
+    "bad_question": "a LLaVA question-file record whose 'text' is not a non-empty string",
+    "bad_answer": "'answer' / 'answers' is not a string / a list of strings (or of {'answer': string})",
+    "image_changed": "the cache sample's image under the cache image root is not the one the cache was made from",
+}
+NO_REFERENCE = "(no reference answer)"  # gpt turn of a question record without one (validation only)
 
 
-def _questions(data: str, limit: int):
-    """(id, image, history turns ending with the human turn, reference answer) per human turn."""
-    from .ingest import read_raw
+class EvalError(RuntimeError):
+    """Nothing to score (e.g. every held-out record rejected): the message says why and where."""
 
+    def __init__(self, msg: str, exit_code: int = 2):
+        super().__init__(msg)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Question:
+    """One human turn to answer: the reference history before it ends with that turn."""
+
+    question_id: Any  # the question file's question_id, or "<id>#<k>" (k-th human turn of a conversation)
+    id: str  # record id
+    image: Optional[str]
+    history: list[dict]  # [{"from", "value"}], ending with the human turn
+    refs: Optional[list[str]]  # reference answers; None = no reference (answered, not scored)
+    category: Optional[str] = None
+
+
+def is_question_record(rec) -> bool:
+    """LLaVA's eval question-file format (``llava/eval/model_vqa*.py``): one JSON object per line
+    with ``question_id``, ``image``, ``text`` (+ optional ``category``), no ``conversations``."""
+    return isinstance(rec, dict) and "question_id" in rec and "conversations" not in rec
+
+
+def _references(rec: dict) -> Optional[list[str]]:
+    """Reference answers of a question record: ``answer`` (a string) or ``answers`` (VQA style:
+    strings or ``{"answer": string}``); None when it has neither."""
+    from ..schemas.samples import Reject
+
+    def one(v):
+        if isinstance(v, dict):
+            v = v.get("answer")
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str) or not v.strip():
+            raise Reject("bad_answer", f"reference {v!r:.80} is not a non-empty string")
+        return v
+
+    if "answer" in rec:
+        return [one(rec["answer"])]
+    if "answers" in rec:
+        if not isinstance(rec["answers"], list) or not rec["answers"]:
+            raise Reject("bad_answer", f"'answers' is {type(rec['answers']).__name__}, not a non-empty list")
+        return [one(v) for v in rec["answers"]]
+    return None
+
+
+def question_to_record(rec: dict) -> tuple[dict, Optional[list[str]]]:
+    """A question-file record → (a LLaVA conversation record for ingest's validator, references).
+    As LLaVA's ``model_vqa.py`` does, ``<image>\\n`` is put before the text when an image is given."""
+    from ..schemas.samples import IMAGE_TOKEN, Reject
+
+    text = rec.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise Reject("bad_question", f"'text' is {text!r:.80}")
+    refs = _references(rec)
+    image = rec.get("image")
+    human = text if image is None or IMAGE_TOKEN in text else f"{IMAGE_TOKEN}\n{text}"
+    conv = [{"from": "human", "value": human}, {"from": "gpt", "value": refs[0] if refs else NO_REFERENCE}]
+    return {"id": rec["question_id"], "image": image, "conversations": conv}, refs
+
+
+def read_questions(data: str, image_root: Optional[str], max_chars: int, check_images: bool = True,
+                   limit: int = 0) -> tuple[list[Question], list[dict], int]:
+    """(questions, rejects, records read) of a held-out file: a LLaVA conversation file (.json
+    list / .jsonl / .parquet: one question per human turn, the next gpt turn is the reference) or a
+    LLaVA question file. Every record goes through ingest's validator; duplicate ids: the first
+    one wins (as in ingest). ``limit`` > 0 stops after that many questions."""
+    from ..schemas.samples import GPT, HUMAN, Reject, validate_record
+    from .ingest import RAW_PREVIEW_CHARS, _id_key, read_raw
+
+    root = Path(image_root) if image_root else None
+    qs: list[Question] = []
+    rejects: list[dict] = []
+    seen: set[str] = set()
     n = 0
     for item in read_raw(data):
+        if limit and len(qs) >= limit:
+            break
+        n += 1
         rec = item.get("record")
-        if not isinstance(rec, dict):
+        qrec = is_question_record(rec)
+        try:
+            if "reject" in item:
+                raise Reject(item["reject"], item.get("detail", ""))
+            refs = None
+            if qrec:
+                rec, refs = question_to_record(rec)
+            key = _id_key(rec)
+            if key is not None:
+                if key in seen:
+                    raise Reject("duplicate_id", f"id {key!r} already seen")
+                seen.add(key)
+            row = validate_record(rec, root, max_chars, check_images)
+        except Reject as r:
+            rid = _id_key(rec) if rec is not None else None
+            raw = item.get("raw") or ""
+            rejects.append({"source": item["source"], "id": rid, "reason": r.reason, "detail": r.detail,
+                            **({"raw": raw[:RAW_PREVIEW_CHARS]} if raw else {})})
             continue
-        conv = rec.get("conversations") or []
-        for t in range(0, len(conv) - 1, 2):
-            yield rec.get("id"), rec.get("image"), conv[: t + 1], conv[t + 1]["value"]
-            n += 1
-            if limit and n >= limit:
-                return
+        conv = row["conversations"]
+        k = 0
+        for i in range(len(conv) - 1):  # by role, not by parity: whatever turns ingest accepts
+            if conv[i]["from"] == HUMAN and conv[i + 1]["from"] == GPT:
+                qs.append(Question(
+                    item["record"]["question_id"] if qrec else f"{row['id']}#{k}", row["id"], row["image"],
+                    conv[: i + 1], refs if qrec else [conv[i + 1]["value"]],
+                    item["record"].get("category") if qrec else None))
+                k += 1
+    if limit:
+        qs = qs[:limit]
+    return qs, rejects, n
 
 
-def answer_scores(model_dir: str, cfg: LlavadiConfig) -> dict:
+def data_image_root(cfg: LlavadiConfig) -> Optional[str]:
+    """Image folder of ``--data``: ``eval.image_root`` (``--image-root``), else this run's
+    ``ingest.image_root``."""
+    return cfg.eval.image_root or cfg.ingest.image_root
+
+
+def cache_image_root(cfg: LlavadiConfig) -> tuple[Optional[str], str]:
+    """(image folder of ``--cache``'s samples, where it came from): ``eval.cache_image_root``
+    (``--cache-image-root``), else the ``ingest.image_root`` of the run the cache belongs to (the
+    folder its images were read from when it was made)."""
+    if cfg.eval.cache_image_root:
+        return cfg.eval.cache_image_root, "eval.cache_image_root"
+    stored = Path(cfg.eval.cache).parent / "config.yaml"
+    if stored.exists():
+        from ..pipeline.config import load_yaml
+
+        root = ((load_yaml(str(stored)) or {}).get("ingest") or {}).get("image_root")
+        if root:
+            return root, f"ingest.image_root of {stored}"
+    return None, f"none ({stored} names no ingest.image_root)"
+
+
+def _reason_counts(rejects: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rejects:
+        out[r["reason"]] = out.get(r["reason"], 0) + 1
+    return dict(sorted(out.items()))
+
+
+# --------------------------------------------------------------------------- model side
+
+
+def generate_answers(model_dir: str, cfg: LlavadiConfig, qs: list[Question]) -> tuple[list[str], float]:
+    """Greedy answers to ``qs`` (reference history before each turn) and the generate seconds."""
     from ..pipeline.config import SamplingConfig
     from ..pipeline.teacher_engines import GenRequest, make_engine
     from ..schemas.conversation import render_prompt
     from .regenerate import load_image
 
     e = cfg.eval
-    root = e.image_root or cfg.ingest.image_root
+    root = data_image_root(cfg)
     engine = make_engine(e.engine, TeacherConfig(model=model_dir))
-    qs = list(_questions(e.data, e.max_samples))
-    reqs = [GenRequest(render_prompt(engine.tokenizer, hist), load_image(root, img) if img else None, 0)
-            for _, img, hist, _ in qs]
+    reqs = [GenRequest(render_prompt(engine.tokenizer, q.history), load_image(root, q.image) if q.image else None, 0)
+            for q in qs]
     t0 = time.time()
     res = engine.generate(reqs, SamplingConfig(temperature=0.0, max_new_tokens=e.max_new_tokens))
     secs = time.time() - t0
     preds = [engine.tokenizer.decode(r.token_ids, skip_special_tokens=True).strip() for r in res]
-    acc = [vqa_accuracy(p, [ref]) for p, (_, _, _, ref) in zip(preds, qs)]
-    em = [float(p.strip() == ref.strip()) for p, (_, _, _, ref) in zip(preds, qs)]
-    return {"questions": len(qs), "accuracy": sum(acc) / max(1, len(acc)), "exact_match": sum(em) / max(1, len(em)),
-            "generate_seconds": round(secs, 2),
-            "examples": [{"id": i, "question": h[-1]["value"], "reference": ref, "prediction": p}
-                         for (i, _, h, ref), p in list(zip(qs, preds))[:20]]}
+    return preds, secs
 
 
-def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str]) -> dict:
-    """KL(teacher‖model) on top-k + tail and perplexity over a held-out cache's answer tokens."""
+def score_answers(qs: list[Question], preds: list[str]) -> dict:
+    """``accuracy`` (VQA) and ``exact_match`` over the questions that have references; none
+    when no question has one (an answers file is all such a file can give)."""
+    scored = [(q, p) for q, p in zip(qs, preds) if q.refs is not None]
+    out: dict = {"questions": len(qs), "scored": len(scored)}
+    if scored:
+        out["accuracy"] = sum(vqa_accuracy(p, q.refs) for q, p in scored) / len(scored)
+        out["exact_match"] = sum(any(p.strip() == r.strip() for r in q.refs) for q, p in scored) / len(scored)
+    out["examples"] = [{"id": q.question_id, "question": q.history[-1]["value"], "reference": q.refs,
+                        "prediction": p} for q, p in list(zip(qs, preds))[:20]]
+    return out
+
+
+def answers_file_rows(qs: list[Question], preds: list[str], model_id: str) -> list[dict]:
+    """LLaVA's answers-file rows (``model_vqa.py``): question_id, prompt, text, answer_id,
+    model_id, metadata (references, category, record id / turn where known)."""
+    from ..schemas.samples import IMAGE_TOKEN
+
+    rows = []
+    for q, p in zip(qs, preds):
+        meta = {"id": q.id}
+        if q.refs is not None:
+            meta["references"] = q.refs
+        if q.category is not None:
+            meta["category"] = q.category
+        aid = hashlib.sha256(f"{model_id}\0{q.question_id}".encode()).hexdigest()[:22]
+        rows.append({"question_id": q.question_id, "prompt": q.history[-1]["value"].replace(IMAGE_TOKEN, "").strip(),
+                     "text": p, "answer_id": aid, "model_id": model_id, "metadata": meta})
+    return rows
+
+
+def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], rejects: Optional[list] = None) -> dict:
+    """KL(teacher‖model) on top-k + tail and perplexity over a held-out cache's answer tokens.
+    ``image_root``: the folder of the cache's sample images; a sample whose image is missing there
+    (or is not the image the cache was made from) is a reject, appended to ``rejects``."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -133,7 +314,7 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str]) -> d
                      shuffle_buffer=1)
     kl = ce = 0.0
     n = samples = 0
-    rejects: list = []
+    rejects = [] if rejects is None else rejects
     batch: list = []
 
     def run(items):
@@ -150,6 +331,10 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str]) -> d
 
     ds._processor()
     for it in stream_samples(run_dir, ds._tok, st, rejects):
+        problem = _cache_image_problem(image_root, it["row"])
+        if problem is not None:
+            rejects.append({"id": it["id"], "reason": problem.reason, "detail": problem.detail})
+            continue
         batch.append(it)
         samples += 1
         if len(batch) == 16:
@@ -157,32 +342,141 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str]) -> d
             batch = []
     if batch:
         run(batch)
-    return {"cache": str(cache_dir), "cache_samples": samples, "answer_tokens": n,
-            "kl_to_teacher": kl / max(1, n), "perplexity": math.exp(ce / max(1, n)), "cache_rejected": len(rejects)}
-
-
-def evaluate(run_dir: Path | str, cfg: LlavadiConfig, model_dir: str, name: Optional[str] = None) -> dict:
-    run_dir = Path(run_dir)
-    name = name or Path(model_dir).name
-    out = {"model": os.path.abspath(model_dir), "name": name}
-    t0 = time.time()
-    if cfg.eval.data:
-        out["answers"] = answer_scores(model_dir, cfg)
-    if cfg.eval.cache:
-        out["teacher_cache"] = cache_scores(model_dir, cfg.eval.cache, cfg.eval.image_root or cfg.ingest.image_root)
-    out["seconds"] = round(time.time() - t0, 2)
-    atomic.write_json(run_dir / "eval" / f"{name}.json", out)
+    out = {"cache": str(cache_dir), "cache_samples": samples, "answer_tokens": n,
+           "cache_rejected": len(rejects), "cache_rejects": _reason_counts(rejects)}
+    if n:  # never a score over nothing
+        out.update(kl_to_teacher=kl / n, perplexity=math.exp(ce / n))
     return out
 
 
+def _cache_image_problem(image_root: Optional[str], row: dict):
+    """None, or the ``Reject`` that keeps a cache sample out: its image is missing under
+    ``image_root`` or differs from the one the cache was made from (sha256 recorded by ingest)."""
+    from ..schemas.samples import Reject, check_image
+
+    if row.get("image") is None:
+        return None
+    if not image_root:
+        return Reject("missing_image", "no image root for the cache's samples: pass --cache-image-root "
+                                       "(eval.cache_image_root)")
+    try:
+        sha = check_image(Path(image_root), row["image"], False)
+    except Reject as r:
+        return r
+    if row.get("image_sha256") and sha != row["image_sha256"]:
+        return Reject("image_changed", f"{row['image']} under {image_root} is not the image the cache was made from "
+                                       f"(sha256 differs): wrong --cache-image-root?")
+    return None
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def evaluate(run_dir: Path | str, cfg: LlavadiConfig, model_dir: str, name: Optional[str] = None) -> dict:
+    """Score ``model_dir`` on ``eval.data`` and/or ``eval.cache``; writes ``RUN/eval/<name>.json``
+    (+ ``<name>.rejects.jsonl``, ``<name>.answers.jsonl`` for ``--data``, ``<name>.cache_rejects.jsonl``
+    for ``--cache``). Raises ``EvalError`` before any model work when ``--data`` has no valid question.
+    A part that could score nothing gets no score and a line in ``problems``."""
+    run_dir = Path(run_dir)
+    name = name or Path(model_dir).name
+    out_dir = run_dir / "eval"
+    files = {k: out_dir / f"{name}.{k}.jsonl" for k in ("rejects", "answers", "cache_rejects")}
+    out: dict = {"model": os.path.abspath(model_dir), "name": name}
+    problems: list[str] = []
+    t0 = time.time()
+    qs: list[Question] = []
+    if cfg.eval.data:
+        root = data_image_root(cfg)
+        qs, rejects, n_read = read_questions(cfg.eval.data, root, cfg.ingest.max_chars, cfg.ingest.check_images,
+                                             cfg.eval.max_samples)
+        atomic.write_jsonl(files["rejects"], rejects)
+        if not qs:
+            counts = ", ".join(f"{k} {v}" for k, v in _reason_counts(rejects).items()) or "the file holds no record"
+            raise EvalError(f"eval: no question in {cfg.eval.data} can be scored: {n_read} records read, "
+                            f"{len(rejects)} rejected ({counts}); see {files['rejects']}"
+                            + ("" if root else "; no image root: pass --image-root"))
+    for k in ("rejects", "answers") if not cfg.eval.data else ():
+        files[k].unlink(missing_ok=True)  # never leave another evaluation's files beside this result
+    if not cfg.eval.cache:
+        files["cache_rejects"].unlink(missing_ok=True)
+
+    if cfg.eval.data:
+        preds, secs = generate_answers(model_dir, cfg, qs)
+        atomic.write_jsonl(files["answers"], answers_file_rows(qs, preds, name))
+        a = {"data": str(cfg.eval.data), "image_root": root, **score_answers(qs, preds),
+             "rejected": len(rejects), "rejects": _reason_counts(rejects), "rejects_file": str(files["rejects"]),
+             "answers_file": str(files["answers"]), "generate_seconds": round(secs, 2)}
+        if "accuracy" not in a:
+            a["no_score"] = "no question has a reference answer ('answer'/'answers' field): answers written, not scored"
+        out["answers"] = a
+    if cfg.eval.cache:
+        root, where = cache_image_root(cfg)
+        crej: list[dict] = []
+        c = cache_scores(model_dir, cfg.eval.cache, root, crej)
+        atomic.write_jsonl(files["cache_rejects"], crej)
+        c.update(image_root=root, image_root_from=where, rejects_file=str(files["cache_rejects"]))
+        if "kl_to_teacher" not in c:
+            problems.append(f"no sample of the teacher cache {cfg.eval.cache} could be scored "
+                            f"({len(crej)} rejected: {', '.join(f'{k} {v}' for k, v in c['cache_rejects'].items())}); "
+                            f"see {files['cache_rejects']}")
+        out["teacher_cache"] = c
+    if problems:
+        out["problems"] = problems
+    out["seconds"] = round(time.time() - t0, 2)
+    atomic.write_json(out_dir / f"{name}.json", out)
+    return out
+
+
+def summary(res: dict, run_dir: Path | str) -> str:
+    """What ``llavadi eval`` prints: only the metrics it has, and what was rejected."""
+
+    def rej(d: dict, n: int, path: str) -> str:
+        return f"{n} rejected" + (f" ({', '.join(f'{k} {v}' for k, v in d.items())}) → {path}" if n else "")
+
+    lines = [f"eval {res['name']} → {Path(run_dir) / 'eval' / (res['name'] + '.json')}"]
+    a, c = res.get("answers"), res.get("teacher_cache")
+    if a:
+        if "accuracy" in a:
+            of = f" (of {a['questions']} answered)" if a["scored"] != a["questions"] else ""
+            head = f"accuracy {a['accuracy']:.3f}, exact match {a['exact_match']:.3f} on {a['scored']} questions{of}"
+        else:
+            head = f"{a['questions']} questions answered, no score: the file has no reference answers"
+        lines.append(f"  answers: {head}; {rej(a['rejects'], a['rejected'], a['rejects_file'])}; "
+                     f"answers → {a['answers_file']}")
+    if c:
+        head = (f"KL to teacher {c['kl_to_teacher']:.4f}, perplexity {c['perplexity']:.3f} over "
+                f"{c['answer_tokens']} answer tokens of {c['cache_samples']} samples" if "kl_to_teacher" in c
+                else "no score: no sample could be scored")
+        lines.append(f"  teacher cache: {head}; {rej(c['cache_rejects'], c['cache_rejected'], c['rejects_file'])}")
+    for p in res.get("problems", []):
+        lines.append(f"  problem: {p}")
+    return "\n".join(lines)
+
+
 def preflight(cfg: LlavadiConfig, model_dir: Optional[str]) -> list[str]:
+    from .ingest import _first_byte, _kind
+
     p = []
     if not model_dir or not os.path.exists(os.path.join(model_dir, "config.json")):
         p.append(f"--model {model_dir!r} is not a model directory (save_pretrained, with its processor)")
     if not cfg.eval.data and not cfg.eval.cache:
         p.append("nothing to evaluate: pass --data FILE (held-out questions) and/or --cache DIR (a held-out teacher cache)")
-    if cfg.eval.data and not os.path.isfile(cfg.eval.data):
-        p.append(f"eval.data {cfg.eval.data} does not exist")
-    if cfg.eval.cache and not os.path.exists(os.path.join(cfg.eval.cache, "index.json")):
-        p.append(f"eval.cache {cfg.eval.cache} has no index.json: run `llavadi cache-teacher` on the held-out run first")
+    if cfg.eval.data:
+        if not os.path.isfile(cfg.eval.data):
+            p.append(f"eval.data {cfg.eval.data} does not exist")
+        elif _kind(cfg.eval.data) is None:
+            p.append(f"eval.data {cfg.eval.data}: unknown type; use a LLaVA .json list, .jsonl or .parquet, or a LLaVA "
+                     f"question file (.jsonl of question_id/image/text)")
+        elif _kind(cfg.eval.data) == "json" and _first_byte(cfg.eval.data) != b"[":
+            p.append(f"eval.data {cfg.eval.data} is not a JSON list of records; for one record per line name it .jsonl")
+        root = data_image_root(cfg)
+        if root and not os.path.isdir(root):
+            p.append(f"image root of --data {root} is not a directory (--image-root / eval.image_root)")
+    if cfg.eval.cache:
+        if not os.path.exists(os.path.join(cfg.eval.cache, "index.json")):
+            p.append(f"eval.cache {cfg.eval.cache} has no index.json: run `llavadi cache-teacher` on the held-out run first")
+        else:
+            root, where = cache_image_root(cfg)
+            if root and not os.path.isdir(root):
+                p.append(f"image root of --cache {root} (from {where}) is not a directory: pass --cache-image-root DIR")
     return p
