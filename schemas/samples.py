@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import io
 import hashlib
 from pathlib import Path
 from typing import Iterator, Optional
@@ -43,7 +42,9 @@ class Reject(Exception):
 
 # Reject reasons of ingest (stable keys: they appear in rejects/ files, _done counts, status).
 REASONS = {
-    "malformed_json": "the record is not valid JSON",
+    "malformed_json": "the record is not valid JSON (or is nested deeper than ingest's MAX_JSON_DEPTH)",
+    "unreadable_json": "a stretch of a .json list whose record boundaries are lost (one per record in it) or "
+                       "a list the file ends without closing",
     "not_utf8": "the record's bytes are not UTF-8",
     "not_an_object": "the record is not a JSON object",
     "missing_id": "no usable 'id'",
@@ -55,6 +56,7 @@ REASONS = {
     "bad_image_field": "'image' is not a non-empty relative path",
     "missing_image": "the image file does not exist under image_root",
     "undecodable_image": "the image file cannot be decoded",
+    "unsupported_image": "the image decodes but has no faithful 8-bit RGB form (schemas.images rules)",
     "too_long": "the conversation is longer than ingest.max_chars",
 }
 
@@ -110,7 +112,10 @@ def validate_conversations(conv, has_image: bool, max_chars: int) -> list[dict]:
 
 
 def check_image(image_root: Path, rel, decode: bool) -> str:
-    """Return the sha256 of the image file, or raise ``Reject``."""
+    """Return the sha256 of the image file, or raise ``Reject``. With ``decode``, the image goes
+    through ``schemas.images.decode_rgb`` — the conversion every later stage applies — so a
+    record is kept only if its image becomes 8-bit RGB (reasons ``undecodable_image``,
+    ``unsupported_image``)."""
     if not isinstance(rel, str) or not rel.strip():
         raise Reject("bad_image_field", f"image is {rel!r}")
     if Path(rel).is_absolute() or ".." in Path(rel).parts or "\0" in rel:
@@ -124,13 +129,12 @@ def check_image(image_root: Path, rel, decode: bool) -> str:
     except (IsADirectoryError, PermissionError, OSError) as e:
         raise Reject("missing_image", f"{rel}: {e}") from None
     if decode:
-        from PIL import Image
+        from .images import ImageLoadError, decode_rgb
 
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-            raise Reject("undecodable_image", f"{rel}: {type(e).__name__}: {e}") from None
+            decode_rgb(data, rel)
+        except ImageLoadError as e:
+            raise Reject(e.reason, e.detail) from None
     return hashlib.sha256(data).hexdigest()
 
 

@@ -107,7 +107,9 @@ def test_json_list_broken_midway_rejects_rest_and_keeps_earlier(tmp_path, synth)
     run = tmp_path / "run"
     cli("ingest", run, "--input", f, "--image-root", root, "--executor", "local")
     st = status_json(run)["stages"]["data"]
-    assert st["samples"]["out"] == 1 and st["rejected_by_reason"] == {"malformed_json": 1}
+    # issue #13: the cut record and whatever may have followed it (the list is not closed) are
+    # each counted
+    assert st["samples"]["out"] == 1 and st["rejected_by_reason"] == {"unreadable_json": 2}
 
 
 def test_stage_level_problems_stop_before_work(tmp_path, synth):
