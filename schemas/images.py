@@ -103,8 +103,13 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Im
     """A decoded PIL image of any mode → mode ``"RGB"`` (uint8 [H, W, 3] as a numpy array), by the
     per-mode rules in this module's docstring (EXIF orientation applied first; high bit depths
     scaled by their declared depth; transparency composited on ``background``). Returns ``im``
-    itself when it is already upright RGB. Raises ``ImageLoadError("unsupported_image", …)`` for
-    modes or values the rules refuse."""
+    itself (loaded) when it is already upright RGB, so it stays usable after its file is closed.
+    Raises ``ImageLoadError``: ``undecodable_image`` if the pixels cannot be loaded,
+    ``unsupported_image`` for modes or values the rules refuse."""
+    try:  # pixels in memory: the result stays valid after the caller's ``with Image.open`` closes the file
+        im.load()
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file handed over unloaded
+        raise ImageLoadError("undecodable_image", f"{type(e).__name__}: {e}") from None
     fmt = im.format  # exif_transpose / convert return images without .format; keep it for "I"
     tiff_tags = dict(getattr(im, "tag_v2", {}) or {}) if fmt == "TIFF" else {}
     im = _upright(im)

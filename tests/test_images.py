@@ -324,3 +324,14 @@ def test_ingest_accepts_or_rejects_by_the_same_rules(tmp_path):
     with pytest.raises(Reject) as e:
         validate_record({"id": "b", "image": "hdr.tif", "conversations": conv}, tmp_path, 1000)
     assert e.value.reason == "unsupported_image" and "hdr.tif" in e.value.detail
+
+
+def test_to_rgb_on_an_open_file_outlives_it_and_names_a_truncated_one(tmp_path):
+    (tmp_path / "x.png").write_bytes(file_bytes(Image.new("RGB", (4, 4), (1, 2, 3)), "PNG"))
+    with Image.open(tmp_path / "x.png") as im:
+        out = to_rgb(im)
+    assert (np.asarray(out) == [1, 2, 3]).all()
+    png = file_bytes(Image.fromarray(RNG.integers(0, 256, size=(64, 64, 3)).astype(np.uint8)), "PNG")
+    with Image.open(io.BytesIO(png[: len(png) // 2])) as im, pytest.raises(ImageLoadError) as e:
+        to_rgb(im)
+    assert e.value.reason == "undecodable_image"
