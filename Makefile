@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llavadi-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean-venv
+.PHONY: setup test demo bench docs clean-venv
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# README's config-key and CLI-option listings, regenerated from pipeline/config.py and cli.py
+# (tests/test_docs.py fails while they are stale)
+docs: setup
+	$(PY) -m llavadi.pipeline.config_doc README.md
 
 clean-venv:
 	rm -rf $(VENV)

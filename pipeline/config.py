@@ -36,11 +36,11 @@ class ConfigError(ValueError):
 class RunConfig:
     """Where and how stages execute. Not fingerprinted."""
 
-    executor: Literal["ray", "local"] = "ray"
+    executor: Literal["ray", "local"] = "ray"  # ray: shards in Ray actors; local: in-process, one shard after another (debugging)
     ray_address: Optional[str] = None  # None: start an embedded local cluster
     num_cpus: int = 2  # embedded cluster size; with 1 CPU an actor asking for 1 CPU deadlocks
     num_workers: int = 2  # shard workers (Ray actors) per stage
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # Ray CPUs each shard worker asks for
     max_retries: int = 2  # re-runs of a shard whose worker process died
 
     def validate(self) -> list[str]:
@@ -60,7 +60,7 @@ class RunConfig:
 class IngestConfig:
     """``llavadi ingest``: LLaVA JSON / JSONL / Parquet → Parquet sample shards."""
 
-    inputs: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # paths or fsspec URLs (--input): .json (a list), .jsonl, .parquet
     image_root: Optional[str] = None  # image paths in records are relative to this
     shard_size: int = 1000  # records per output shard
     max_chars: int = 65536  # a conversation longer than this (all turns) is rejected
@@ -82,11 +82,11 @@ class TeacherConfig:
     model: Optional[str] = None  # a save_pretrained directory (LLaVA-style, with processor)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine
+    gpu_memory_utilization: float = 0.85  # share of each GPU vLLM may take (weights + KV cache)
     num_actors: int = 1  # engine replicas (Ray actors), each loads the teacher once
     gpus_per_actor: float = 0.0  # 0 on CPU; = tensor_parallel_size on GPU machines
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0  # Ray CPUs each engine actor asks for
     # regenerate's vLLM engine: None = eager on CPU (torch.compile adds ~1 min to the start, needs a
     # C++ compiler, and decoded only 0-6 % faster on a 164M teacher in four runs of
     # benchmarks/regenerate.py), vLLM's default on GPU (compiled + CUDA graphs). cache-teacher is
@@ -124,10 +124,10 @@ class SamplingConfig:
     """Teacher sampling for regeneration. The study: temperature 1.0, 128 new tokens."""
 
     temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling; 1 = off
     top_k: int = 0  # 0 = off
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
+    max_new_tokens: int = 128  # per answer turn
+    min_new_tokens: int = 0  # per answer turn: end-of-sequence and stop strings are ignored before
     stop: list[str] = field(default_factory=list)  # stop strings (the answer is cut before them)
 
     def validate(self) -> list[str]:
@@ -147,7 +147,7 @@ class SamplingConfig:
 class RegenerateConfig:
     """``llavadi regenerate``: every assistant turn re-answered by the teacher, turn by turn."""
 
-    engine: Literal["vllm", "hf"] = "vllm"
+    engine: Literal["vllm", "hf"] = "vllm"  # vllm: engines in Ray actors; hf: transformers generate
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int = 0  # per-sample seeds derive from (seed, sample id, turn): a rerun is identical
     block_size: int = 256  # samples per turn-synchronous generate call
@@ -166,11 +166,11 @@ class CacheTeacherConfig:
     """``llavadi cache-teacher``: teacher-forced pass over whole conversations → teacher cache."""
 
     source: Literal["regenerate", "data"] = "regenerate"  # the study's regenerated-or-original ablation
-    engine: Literal["hf", "vllm"] = "hf"
-    top_k: int = 64
-    hidden_dtype: Literal["float16", "bfloat16", "int8"] = "float16"
-    logprob_dtype: Literal["float32", "float16"] = "float32"
-    store: Literal["zarr", "webdataset"] = "zarr"
+    engine: Literal["hf", "vllm"] = "hf"  # what runs the teacher-forced pass: transformers or vLLM
+    top_k: int = 64  # teacher log-probs kept per answer token (the rest is one tail bucket)
+    hidden_dtype: Literal["float16", "bfloat16", "int8"] = "float16"  # hidden-state storage (int8: per-row scale)
+    logprob_dtype: Literal["float32", "float16"] = "float32"  # top-k log-prob storage
+    store: Literal["zarr", "webdataset"] = "zarr"  # zarr: a Zarr v3 directory per shard; webdataset: a tar per shard
     batch_size: int = 8  # conversations per forward pass (sorted by length within a window)
 
     def validate(self) -> list[str]:
@@ -204,7 +204,7 @@ class KDConfig:
 
 @dataclass
 class FeatureConfig:
-    kind: Literal["mse", "cosine"] = "mse"
+    kind: Literal["mse", "cosine"] = "mse"  # distance between projector(student hidden) and the teacher hidden
     projector: Literal["mlp", "linear"] = "mlp"  # mlp = Linear-GELU-Linear (the study's)
 
     def validate(self) -> list[str]:
@@ -217,30 +217,30 @@ class TrainStudentConfig:
     CE + forward KL + MSE, weights 1, T = 1, lr 2e-5 cosine, warmup 3%, 1 epoch, vision frozen."""
 
     student: Optional[str] = None  # save_pretrained directory of the initial student (with processor)
-    ce_weight: float = 1.0
-    kd_weight: float = 1.0
-    feature_weight: float = 1.0
+    ce_weight: float = 1.0  # loss = ce_weight·CE + kd_weight·KD + feature_weight·FEAT on answer tokens
+    kd_weight: float = 1.0  # logit KD (train_student.kd)
+    feature_weight: float = 1.0  # hidden-state feature loss (train_student.feature)
     kd: KDConfig = field(default_factory=KDConfig)
     feature: FeatureConfig = field(default_factory=FeatureConfig)
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.03
-    epochs: int = 1
+    lr: float = 2e-5  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # learning rate after the warmup
+    warmup_ratio: float = 0.03  # share of the steps with linear warmup
+    epochs: int = 1  # passes over the cache (when max_steps is 0)
     max_steps: int = 0  # 0: epochs × steps per epoch
     batch_size: int = 8  # samples per optimizer step, all ranks together (the global batch)
     micro_batch_size: int = 8  # samples per forward on one rank (accumulation fills the global batch)
     max_grad_norm: float = 1.0  # 0 = no clipping
-    freeze_vision: bool = True
-    freeze_projector: bool = False
-    freeze_lm: bool = False
+    freeze_vision: bool = True  # vision tower not trained (the study's recipe)
+    freeze_projector: bool = False  # the model's multimodal projector not trained
+    freeze_lm: bool = False  # language model (and LM head) not trained
     precision: Literal["auto", "float32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, float32 on CPU
-    seed: int = 0
+    seed: int = 0  # projector init and shuffle order
     shuffle_buffer: int = 1000  # samples; the buffer spans shards
     num_workers: int = 0  # DataLoader worker processes per rank
-    save_every_steps: int = 100
-    keep_checkpoints: int = 2
-    log_every_steps: int = 1
+    save_every_steps: int = 100  # checkpoint interval (the last step is always saved)
+    keep_checkpoints: int = 2  # newest checkpoints kept, older ones deleted
+    log_every_steps: int = 1  # metrics.jsonl / TensorBoard interval
     # a run directory (path or fsspec URL) whose finished cache_teacher/ and its source shards are
     # pulled into this run before training (students train away from the teacher's machine)
     cache_from: Optional[str] = None
@@ -267,12 +267,12 @@ class TrainStudentConfig:
 class EvalConfig:
     """``llavadi eval``: answers on a held-out set + KL to the teacher / perplexity on a held-out cache."""
 
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: Literal["hf", "vllm"] = "hf"  # what generates the greedy answers: transformers or vLLM
     data: Optional[str] = None  # held-out LLaVA JSON/JSONL with reference answers
     image_root: Optional[str] = None  # images of `data`; defaults to ingest.image_root
     cache: Optional[str] = None  # a held-out teacher cache directory (…/cache_teacher) for KL / perplexity
     cache_image_root: Optional[str] = None  # images of the cache's samples; defaults to its run's ingest.image_root
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # greedy answer length cap
     max_samples: int = 0  # 0 = all
 
     def validate(self) -> list[str]:

@@ -33,7 +33,7 @@ Hidden-state encodings (``CacheSpec.hidden_dtype``):
 Readers always return float32 (dequantised) ``hidden``/``topk_logprobs``; both stores hold the
 same quantised bits, so the Zarr and WebDataset readers yield bit-identical samples.
 
-**Zarr v3 store** (``CacheSpec.store == "zarr"``, shard = directory ``shard-NNNNN.zarr``):
+**Zarr v3 store** (``CacheSpec.store == "zarr"``, shard = directory ``part-NNNNN.zarr``):
 one Zarr group whose attribute ``llavadi_teacher_cache`` holds ``schema_version``,
 ``hidden_size``, ``top_k``, ``hidden_dtype``, ``logprob_dtype``, ``n_samples``, ``n_tokens``,
 ``chunk_rows``. Arrays: ``offsets``, ``sample_id_offsets`` [n+1] int64 + ``sample_id_utf8`` [B]
@@ -47,7 +47,7 @@ per array; per-sample arrays are one chunk. Codecs on every chunk: ``bytes`` (li
 chunk fails to decode even without a checksum list); the shard index has Zarr's default crc32c.
 Metadata holds no timestamps, so identical adds give byte-identical stores.
 
-**WebDataset store** (``store == "webdataset"``, shard = file ``shard-NNNNN.tar``): a POSIX
+**WebDataset store** (``store == "webdataset"``, shard = file ``part-NNNNN.tar``): a POSIX
 ustar archive, members with mtime 0, uid/gid 0, empty uname/gname, mode 0644:
 
 * ``{i:09d}.tcblob`` for sample ``i`` (0-based, in add order; WebDataset key ``{i:09d}``) — one
@@ -71,7 +71,7 @@ writers are removed by :func:`pipeline.atomic.remove_stale_tmp`.
               "store": "zarr" | "webdataset",                       # required (the CacheSpec)
               "vocab_size": V, "teacher": {"model": ..., "weights_sha256": ...},
               "tokenizer_sha256": ..., "chat_template_sha256": ..., ...},  # producer-defined
-     "shards": [{"shard": 0, "file": "shard-00000.zarr", "n_samples": ..., "n_tokens": ...,
+     "shards": [{"shard": 0, "file": "part-00000.zarr", "n_samples": ..., "n_tokens": ...,
                  "sha256": <pipeline.atomic.sha256_path of the shard>}, ...]}
 """
 from __future__ import annotations
@@ -140,7 +140,8 @@ class CacheSpec:
         return "zarr" if self.store == "zarr" else "tar"
 
     def shard_name(self, i: int) -> str:
-        return f"shard-{i:05d}.{self.ext}"
+        """Shard ``i``'s file name, as the run directory names it (``part-NNNNN.zarr`` / ``.tar``)."""
+        return f"part-{i:05d}.{self.ext}"
 
     def to_meta(self) -> dict:
         return asdict(self)

@@ -228,7 +228,7 @@ def test_killed_writer_leaves_no_final_path(tmp_path):
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert "added" in p.stdout
-    assert not (tmp_path / "shard-00000.zarr").exists() and not (tmp_path / "shard-00000.tar").exists()
+    assert not (tmp_path / "part-00000.zarr").exists() and not (tmp_path / "part-00000.tar").exists()
     atomic.remove_stale_tmp(tmp_path)  # the tar writer's partial temporary, if any
     assert list(tmp_path.iterdir()) == []
 
