@@ -231,6 +231,10 @@ class TrainStudentConfig:
     batch_size: int = 8  # samples per optimizer step, all ranks together (the global batch)
     micro_batch_size: int = 8  # samples per forward on one rank (accumulation fills the global batch)
     max_grad_norm: float = 1.0  # 0 = no clipping
+    # a step whose loss or gradient is non-finite (on any rank) never updates the weights; "stop": the run
+    # ends with an error naming the step and the batch's sample ids; "skip": the step is dropped and
+    # counted (skipped_nonfinite in metrics.jsonl)
+    nonfinite: Literal["stop", "skip"] = "stop"
     freeze_vision: bool = True  # vision tower not trained (the study's recipe)
     freeze_projector: bool = False  # the model's multimodal projector not trained
     freeze_lm: bool = False  # language model (and LM head) not trained

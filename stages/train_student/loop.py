@@ -100,7 +100,7 @@ def init_distributed() -> tuple[int, int, bool]:
 def material(cfg: LlavadiConfig) -> dict:
     c = asdict(cfg.train_student)
     for k in ("num_workers", "save_every_steps", "keep_checkpoints", "log_every_steps", "log_sample_ids",
-              "cache_from"):
+              "cache_from", "nonfinite"):
         c.pop(k)  # how it runs, not what it computes (a pulled cache is checked by its own fingerprint)
     return {"train_student": c, "student_dir": os.path.abspath(cfg.train_student.student or ""),
             "image_root": cfg.ingest.image_root}
@@ -201,6 +201,63 @@ def step_loss(head, h, proj, mb: dict, cfg: LlavadiConfig, head_t: Optional[dict
         total = total + c.feature_weight * feat
         terms["feat"] = feat.detach()
     return total, terms
+
+
+def apply_update(opt, sched, params, c, state: dict, sums: dict, ok_local: bool, ids: list, world: int):
+    """End of a step, after backward: clip, agree on finiteness across ranks, then update or not.
+
+    ``sums``: this rank's summed loss terms; ``ok_local``: its micro-batch losses were finite; ``ids``:
+    its sample ids. The gradient norm (the clipping one, or the plain norm when clipping is off) must
+    be finite too. The flag rides in the all-reduce of the loss sums, so every rank decides alike.
+    A non-finite step never reaches the weights (its gradients are dropped before ``opt.step``):
+    ``c.nonfinite == "stop"`` raises ``StageError`` naming the step and every rank's sample ids;
+    ``"skip"`` counts it in ``state["skipped_nonfinite"]`` and goes on (the scheduler still steps,
+    so the schedule stays aligned with ``global_step``). Returns (all-reduced ``[ce, kd, feat]``
+    sums, the clipping grad norm or None, whether the weights were updated)."""
+    if c.max_grad_norm > 0:
+        gnorm = norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+    else:
+        gnorm, grads = None, [p.grad for p in params if p.grad is not None]
+        norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                if grads else torch.zeros(()))
+    ok = ok_local and bool(torch.isfinite(norm))
+    vec = torch.tensor([sums.get(k, 0.0) for k in ("ce", "kd", "feat")] + [0.0 if ok else 1.0], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(vec)
+    applied = bool(vec[3] == 0) and bool(torch.isfinite(vec[:3]).all())
+    if applied:
+        opt.step()
+    else:
+        opt.zero_grad(set_to_none=True)  # the non-finite gradients never reach the weights
+        if c.nonfinite == "stop":
+            rank = dist.get_rank() if world > 1 else 0
+            per_rank = [(rank, ok, list(ids))]
+            if world > 1:  # every rank is here (they agreed on the flag): gather the batch's ids
+                per_rank = [None] * world
+                dist.all_gather_object(per_rank, (rank, ok, list(ids)))
+            bad = [r for r, fine, _ in per_rank if not fine]
+            where = "; ".join(f"rank {r}: {i}" for r, _, i in per_rank) if world > 1 else str(per_rank[0][2])
+            raise StageError(
+                f"train-student: non-finite loss or gradient at step {state['global_step'] + 1} (epoch "
+                f"{state['epoch']}, step {state['step_in_epoch'] + 1} of the epoch), on rank(s) {bad}; the weights "
+                f"were not updated. The batch's sample ids: {where}. Check those samples' teacher cache "
+                f"entries, or set train_student.nonfinite=skip to skip such steps (counted as "
+                f"skipped_nonfinite in metrics.jsonl)")
+        state["skipped_nonfinite"] = state.get("skipped_nonfinite", 0) + 1
+        if rank_zero():
+            print(f"[train-student] step {state['global_step'] + 1}: non-finite loss or gradient, step skipped "
+                  f"(sample ids {list(ids)}; {state['skipped_nonfinite']} skipped so far)", file=sys.stderr)
+    import warnings
+
+    with warnings.catch_warnings():  # a skipped first step: the schedule advances without an optimizer step, on purpose
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return vec[:3], gnorm, applied
+
+
+def rank_zero() -> bool:
+    return dist_info()[0] == 0
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -405,6 +462,7 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
             if world > 1:
                 dist.all_reduce(n_global)
             sums: dict = {}
+            ok_local = True  # every micro-batch loss of this rank finite
             for i, mb in enumerate(mbs):
                 mb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mb.items()}
                 sync = (i == len(mbs) - 1) or world == 1
@@ -414,15 +472,12 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
                     # sum over this rank's tokens / all ranks' tokens; DDP averages gradients over
                     # ranks, so × world makes the result the exact global-token mean
                     (loss * (world / float(n_global))).backward()
+                ok_local = ok_local and math.isfinite(float(loss.detach()))
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
-            vec = torch.tensor([sums.get(k, 0.0) for k in ("ce", "kd", "feat")], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(vec)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm) if c.max_grad_norm > 0 else None
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            # a non-finite loss or gradient on any rank stops the run or skips the step (train_student.nonfinite)
+            vec, gnorm, applied = apply_update(opt, sched, params, c, state, sums, ok_local,
+                                               [i for mb in mbs for i in mb["sample_ids"]], world)
             state["global_step"] += 1
             state["step_in_epoch"] += 1
             if c.log_sample_ids:
@@ -436,6 +491,10 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
                            + c.feature_weight * rec.get("feat", 0))
             if gnorm is not None:
                 rec["grad_norm"] = float(gnorm)
+            if state.get("skipped_nonfinite"):
+                rec["skipped_nonfinite"] = state["skipped_nonfinite"]  # steps skipped so far
+                if not applied:
+                    rec["skipped"] = True
             now = time.time()
             rec["tokens_per_s"] = round(n_tok / max(1e-9, now - t_last), 1)
             t_last = now
@@ -443,7 +502,7 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec, sort_keys=True) + "\n")
                 if tb:
-                    for k in ("loss", "ce", "kd", "feat", "lr", "grad_norm", "tokens_per_s"):
+                    for k in ("loss", "ce", "kd", "feat", "lr", "grad_norm", "tokens_per_s", "skipped_nonfinite"):
                         if k in rec:
                             tb.add_scalar(f"train/{k}", rec[k], rec["step"])
                 bar.update(1)

@@ -6,11 +6,12 @@ Every function takes **answer positions only**, flattened to rows: ``N`` answer 
 ==========================  ===================  ==========================================
 argument                    shape                dtype
 ==========================  ===================  ==========================================
-``student_logits``          ``[N, V]``           float32 / float16 / bfloat16
-``teacher_logits``          ``[N, V]``           float32 / float16 / bfloat16
+``student_logits``          ``[N, V]``           float64 / float32 / float16 / bfloat16
+``teacher_logits``          ``[N, V]``           float64 / float32 / float16 / bfloat16 (``-inf`` = p 0)
 ``topk_ids``                ``[N, k]``           int32 / int64 (distinct ids per row)
-``topk_logprobs``           ``[N, k]``           float32 / float16, raw log-probs at T = 1
-``teacher_logit_std``       ``[N]`` or ``[N,1]`` float32 (the cache's ``logit_stats[:, 1]``)
+``topk_logprobs``           ``[N, k]``           float64 / float32 / float16, raw log-probs at T = 1
+                                                 (``-inf`` = a zero-probability entry)
+``teacher_logit_std``       ``[N]`` or ``[N,1]`` float32 / float64 (the cache's ``logit_stats[:, 1]``)
 ``student_hidden``          ``[N, Hs]``          any float (the student's final hidden state)
 ``student_head_weight``     ``[V, Hs]``          any float (the student's ``lm_head.weight``)
 ``teacher_hidden``          ``[N, Ht]``          any float (the cache's ``hidden``)
@@ -19,15 +20,36 @@ argument                    shape                dtype
 
 Conventions
 -----------
-* All arithmetic runs in float32 (half inputs are upcast, autocast is switched off inside the
-  losses); results are float32.
+* Precision: the arithmetic runs in the inputs' precision -- float64 when any floating input
+  (student logits / hidden states / head, teacher logits / log-probs) is float64, float32
+  otherwise (half inputs are upcast). Autocast is switched off inside the losses, and results
+  come back in that dtype. The teacher's tail mass ``1 - sum(exp(topk_logprobs))`` is always
+  formed in float64 (see below), whatever the compute dtype.
 * The teacher side is a constant target: it is detached and never receives gradients.
-* ``kind``: ``"fkl"`` = KL(teacher || student) (the default, the study's), ``"rkl"`` =
-  KL(student || teacher), ``"jsd"`` = TRL's generalised Jensen-Shannon divergence: ``beta == 0``
-  is exactly forward KL, ``beta == 1`` exactly reverse KL, otherwise with
-  ``M = beta * P_teacher + (1 - beta) * P_student``
+* ``kind``: ``"fkl"`` = KL(teacher || student) (the default, the study's: LLAVADI, Xu et al.,
+  arXiv 2407.19409), ``"rkl"`` = KL(student || teacher), ``"jsd"`` = the generalised Jensen-Shannon
+  divergence of GKD (Agarwal et al., "On-Policy Distillation of Language Models", ICLR 2024,
+  Eq. 1) with TRL's ``generalized_jsd_loss`` convention: ``beta == 0`` is exactly forward KL,
+  ``beta == 1`` exactly reverse KL, otherwise with ``M = beta * P_teacher + (1 - beta) * P_student``
   ``JSD = beta * KL(P_teacher || M) + (1 - beta) * KL(P_student || M)``
-  (so it is discontinuous at the two ends, as in TRL's ``generalized_jsd_loss``).
+  (so it is discontinuous at the two ends, as in TRL).
+* Zero-probability teacher entries (a ``-inf`` log-prob or logit, as vLLM returns for a token
+  its sampler rules out): ``0 * log 0 = 0``, so such an entry contributes nothing to
+  ``KL(P_teacher || .)`` (forward KL, the teacher half of JSD); the JSD mixture ``M`` is > 0
+  wherever the student is, so JSD (0 < beta < 1) is finite as it stands. Reverse KL (and JSD at
+  ``beta == 1``) has the teacher as the reference measure and is genuinely infinite when the
+  student puts mass where the teacher has none, so there the teacher probability is floored:
+  ``KL(q || p) = sum q (log q - log max(p, P_FLOOR))``, ``P_FLOOR = 1e-30``, applied to the
+  tempered (and standardized) teacher distribution. A zero-probability token then costs the
+  student ``q (log q + 69.1)`` (finite, with a finite gradient that still pushes its mass away),
+  and reverse KL is unchanged wherever the teacher gives every token >= 1e-30 (at T = 1 that
+  needs a logit gap above 69 nats, beyond real teacher rows). Prior art: TRL's GKD
+  ``generalized_jsd_loss`` has no guard (``inf``); TRL's GOLD trainer clamps probabilities at
+  ``1e-8`` before the log, which would change reverse KL on every confident teacher row (a
+  1e-11 token counted as 1e-8); DistiLLM (Ko et al. 2024) drops positions whose logits are
+  ``-inf`` from the sum, which lets reverse KL go negative and rewards student mass on impossible
+  tokens. With ``standardize=True`` a dense teacher row is z-scored over its finite entries and
+  its ``-inf`` entries stay ``-inf``.
 * Temperature ``T``: both distributions are softened by ``T`` and the divergence is multiplied by
   ``T**2`` (Hinton et al.: keeps gradient magnitudes comparable across temperatures). At
   ``T = 1`` the factor is 1.
@@ -42,14 +64,22 @@ Conventions
 Top-k + tail bucket (``topk_kd_loss``)
 --------------------------------------
 Both distributions are coarsened to ``k + 1`` buckets: the teacher's top-k ids, and one tail
-bucket for the rest of the vocabulary. The teacher's tail mass is ``1 - sum(exp(topk_logprobs))``
-computed as ``-expm1(logsumexp(topk_logprobs))`` and clamped at 0; the student's tail is the
+bucket for the rest of the vocabulary. The teacher's tail mass is ``1 - sum(exp(topk_logprobs))``,
+formed in float64 from the given log-probs without cancellation as
+``-expm1(max) - sum(exp(others))`` (``max`` the largest top-k log-prob: exact to float64 rounding
+even when the sum is 1 - 1e-12, where a float32 ``1 - sum`` is pure rounding noise) and taken as
+0 when negative or within that float64 rounding (``(k + 2) 2**-53 (-expm1(max) + sum(others))``:
+not resolvable, e.g. a teacher with fewer than k possible tokens); the teacher's ``k + 1`` buckets are tempered in float64 too (``[N, k + 1]``: cheap), then
+cast to the compute dtype. The student's tail is the
 log-sum-exp of its log-probs over the complement of the top-k ids (computed directly, not as
 ``1 - sum``, so it stays exact when the tail is tiny). After tempering, both tails get ``TAIL_EPS``
 (1e-8) added and both bucket vectors are renormalised, which keeps the losses and their gradients finite when a
 tail is ~0 (k = V, or a teacher whose top-k holds all the mass, e.g. after float16 rounding makes
-the top-k sum exceed 1); the perturbation is below float32 resolution. At ``T = 1`` (and no
-standardization) the loss is the exact divergence between the coarsened distributions.
+the top-k sum exceed 1). The guard is part of the formula in every dtype (float32 and float64
+compute the same function; the perturbation is below float32 resolution of the bucket masses).
+A ``-inf`` top-k log-prob is a zero-probability bucket, under the zero-probability rule above.
+At ``T = 1`` (and no standardization) the loss is the exact divergence between the coarsened
+distributions.
 
 At ``T != 1`` the student is tempered over the full vocabulary *before* coarsening (exact), but
 the teacher's full logit row is not in the cache, so its ``k + 1`` buckets are re-tempered as
@@ -60,9 +90,10 @@ With ``standardize=True`` the student row is z-scored over the full vocabulary; 
 standardizing then dividing by ``T`` equals tempering its raw logits by ``std * T`` (the mean
 shift cancels in the softmax), so its buckets are re-tempered with ``T_eff = (std + 1e-7) * T``
 per row from ``teacher_logit_std`` -- the same single-tail-bucket approximation. Note that tempering
-raises small tail masses a lot (``1e-7 ** (1/5) = 0.04``), including rounding noise in
-``1 - sum(exp(topk_logprobs))`` (about ``k * 1e-7`` for float32 log-probs, ``k * 1e-3`` for float16), so
-with large ``T_eff`` the tail bucket is only as good as the cached log-probs' precision.
+raises small tail masses a lot (``1e-7 ** (1/5) = 0.04``), including the rounding of the cached
+log-probs themselves, which ``1 - sum(exp(topk_logprobs))`` inherits however precisely it is formed
+(up to about ``k * 1e-7`` for float32 log-probs, ``k * 1e-3`` for float16), so with large ``T_eff``
+the tail bucket is only as good as the cached log-probs' precision.
 
 Exact full vocabulary (``dense_kd_loss``, ``chunked_exact_kd_loss``)
 --------------------------------------------------------------------
@@ -72,8 +103,8 @@ states and head, ``chunk_size`` rows at a time; each chunk runs under
 ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, so only the ``[N]`` per-row losses
 (and the inputs, which are resident anyway) are kept for backward and the ``[chunk, V]`` logits
 are recomputed chunk by chunk during backward: full ``[N, V]`` logits of either model never exist,
-forward or backward. Peak extra memory is a few ``chunk_size x V`` float32 buffers (plus one
-float32 copy of a head weight that is not float32 already). Value and gradients equal
+forward or backward. Peak extra memory is a few ``chunk_size x V`` buffers of the compute dtype
+(plus one copy of a head weight that is not in the compute dtype already). Value and gradients equal
 ``dense_kd_loss`` of the unchunked logits.
 
 Features (``FeatureProjector``, ``feature_loss``)
@@ -101,18 +132,25 @@ PROJECTOR_KINDS = ("mlp", "linear")
 REDUCTIONS = ("mean", "sum", "none")
 TAIL_EPS = 1e-8  # added to both tail buckets (top-k path) before renormalising
 STD_EPS = 1e-7  # logit standardization: (z - mean) / (std + STD_EPS), as Sun et al.
+P_FLOOR = 1e-30  # teacher probability floor where it is a KL's reference measure (reverse KL)
+LOG_P_FLOOR = math.log(P_FLOOR)
 
-__all__ = ["topk_kd_loss", "dense_kd_loss", "chunked_exact_kd_loss", "FeatureProjector", "feature_loss",
-           "KD_KINDS", "FEATURE_KINDS", "PROJECTOR_KINDS", "REDUCTIONS"]
+__all__ = ["topk_kd_loss", "dense_kd_loss", "chunked_exact_kd_loss", "fused_head_loss", "FeatureProjector",
+           "feature_loss", "KD_KINDS", "FEATURE_KINDS", "PROJECTOR_KINDS", "REDUCTIONS", "TAIL_EPS", "P_FLOOR"]
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _fp32(device: torch.device):
-    """Context that switches autocast off so the loss math really runs in float32."""
+def _no_autocast(device: torch.device):
+    """Context that switches autocast off so the loss math really runs in the compute dtype."""
     try:
         return torch.autocast(device_type=device.type, enabled=False)
     except (RuntimeError, ValueError):  # a device type autocast does not know
         return contextlib.nullcontext()
+
+
+def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """float64 if any floating input is float64, else float32 (half inputs are upcast)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_kd_args(kind: str, beta: float, temperature: float, reduction: str) -> None:
@@ -127,14 +165,28 @@ def _check_kd_args(kind: str, beta: float, temperature: float, reduction: str) -
 
 
 def _standardize(z: torch.Tensor) -> torch.Tensor:
-    """Per-row z-score over the last dim (Bessel-corrected std, + STD_EPS), Sun et al. 2024."""
+    """Per-row z-score over the last dim (Bessel-corrected std, + STD_EPS), Sun et al. 2024.
+    ``z [n, V]`` finite (the student's logits); differentiable."""
     mean = z.mean(dim=-1, keepdim=True)
     std = z.std(dim=-1, keepdim=True)
     return (z - mean) / (std + STD_EPS)
 
 
+def _standardize_teacher(z: torch.Tensor) -> torch.Tensor:
+    """The teacher's z-score: as ``_standardize`` over each row's finite entries; ``-inf``
+    (zero-probability) entries stay ``-inf``. ``z [n, V]``, no gradient needed."""
+    fin = torch.isfinite(z)
+    cnt = fin.sum(dim=-1, keepdim=True).to(z.dtype)
+    zf = torch.where(fin, z, torch.zeros((), dtype=z.dtype, device=z.device))
+    mean = zf.sum(dim=-1, keepdim=True) / cnt
+    dev = torch.where(fin, z - mean, torch.zeros((), dtype=z.dtype, device=z.device))
+    std = (dev.square().sum(dim=-1, keepdim=True) / (cnt - 1.0)).sqrt()
+    return torch.where(fin, dev / (std + STD_EPS), z)
+
+
 def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) per row from normalised log-probs; 0 * log 0 = 0 with finite gradients."""
+    """KL(a || b) per row from normalised log-probs ``[n, K]`` (any float dtype, kept); 0 * log 0 = 0
+    with finite gradients (an entry with a = 0 contributes 0 whatever b is)."""
     a = log_a.exp()
     pos = a > 0
     zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
@@ -144,12 +196,16 @@ def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 
 def _divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
-    """Per-row divergence between teacher ``log_p`` and student ``log_q`` (normalised, last dim)."""
+    """Per-row divergence between teacher ``log_p`` and student ``log_q`` (normalised, last dim),
+    ``[n, K]`` -> ``[n]`` in their dtype. Forward KL, reverse KL with the teacher floored at
+    ``P_FLOOR`` (the zero-probability rule), or GKD's generalised JSD (Agarwal et al. 2024, Eq. 1)
+    with TRL's ends (beta = 0: forward KL, beta = 1: reverse KL)."""
     beta = float(beta)
     if kind == "fkl" or (kind == "jsd" and beta == 0.0):
         return _kl_rows(log_p, log_q)
     if kind == "rkl" or (kind == "jsd" and beta == 1.0):
-        return _kl_rows(log_q, log_p)
+        return _kl_rows(log_q, log_p.clamp(min=LOG_P_FLOOR))
+    # M = beta P + (1 - beta) Q > 0 wherever Q > 0: finite with P = 0 entries (logsumexp of -inf and a finite value)
     log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
     return beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
 
@@ -164,32 +220,53 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def _dense_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, beta: float,
                 temperature: float, standardize: bool) -> torch.Tensor:
-    zs = student_logits.float()
-    zt = teacher_logits.detach().float()
+    """``[n, V]`` student and teacher logits -> ``[n]`` divergences x T^2, in the compute dtype."""
+    dt = _compute_dtype(student_logits, teacher_logits)
+    zs = student_logits.to(dt)
+    zt = teacher_logits.detach().to(dt)
     if standardize:
-        zs, zt = _standardize(zs), _standardize(zt)
+        zs, zt = _standardize(zs), _standardize_teacher(zt)
     t = float(temperature)
     log_q = F.log_softmax(zs / t, dim=-1)
     log_p = F.log_softmax(zt / t, dim=-1)
     return _divergence_rows(log_p, log_q, kind, beta) * (t * t)
 
 
+def _teacher_log_tail(lp: torch.Tensor) -> torch.Tensor:
+    """``log(1 - sum(exp(lp)))`` per row, ``lp [n, k]`` float64 -> ``[n, 1]`` float64 (``-inf`` for 0).
+
+    Formed as ``-expm1(max) - sum(exp(others))``: ``-expm1`` is exact near 0, so a tail of 1e-12
+    under a top-1 log-prob of -1e-11 keeps float64's relative precision (``1 - sum`` would keep
+    ~1e-4 of it in float64 and none in float32). A tail within the float64 rounding error of its
+    own formation, ``(k + 2) * 2**-53 * (-expm1(max) + sum(exp(others)))``, is not resolvable and
+    is taken as 0, as is a negative one (float16 rounding can push the sum above 1): tempering
+    would otherwise blow that residue up (4e-19 is a 1e-6 bucket at ``T_eff = 3``). ``-inf``
+    entries contribute 0; a row of ``-inf`` has tail 1."""
+    top, arg = lp.max(dim=-1, keepdim=True)
+    others = lp.exp().scatter(-1, arg, 0.0).sum(dim=-1, keepdim=True)
+    head = -torch.expm1(top)  # 1 - p_max
+    tail = head - others
+    noise = (lp.shape[-1] + 2) * 2.0 ** -53 * (head + others)
+    return torch.log(torch.where(tail > noise, tail, torch.zeros_like(tail)))
+
+
 def _teacher_topk_buckets(topk_logprobs: torch.Tensor, t: float, standardize: bool,
                           teacher_logit_std: Optional[torch.Tensor], dtype=torch.float32) -> torch.Tensor:
-    """Teacher's ``k + 1`` bucket log-probs ``[N, k+1]`` (top-k + tail; used by ``topk_kd_loss`` and
-    the fused head loss): tail = 1 - sum(exp(logprobs)), computed as -expm1(logsumexp(.)), then
+    """Teacher's ``k + 1`` bucket log-probs ``[N, k+1]`` in ``dtype`` (top-k + tail; used by
+    ``topk_kd_loss`` and the fused head loss), from ``topk_logprobs [N, k]`` (any float dtype). All
+    in float64 (cheap at ``[N, k+1]``): tail = 1 - sum(exp(logprobs)) (``_teacher_log_tail``), then
     re-tempered and given the ``TAIL_EPS`` guard after tempering (so tempering never inflates it)."""
     n = topk_logprobs.shape[0]
-    lp_top = topk_logprobs.detach().to(dtype)
-    log_top_mass = torch.logsumexp(lp_top, dim=-1, keepdim=True).clamp(max=0.0)
-    log_p = torch.cat([lp_top, torch.log(-torch.expm1(log_top_mass))], dim=-1)  # log(0) = -inf is fine
+    f64 = torch.float64
+    lp_top = topk_logprobs.detach().to(f64)
+    log_p = torch.cat([lp_top, _teacher_log_tail(lp_top)], dim=-1)  # log(0) = -inf is fine
     if standardize:
-        log_p = log_p / ((teacher_logit_std.detach().to(dtype).reshape(n, 1).to(log_p.device) + STD_EPS) * t)
+        log_p = log_p / ((teacher_logit_std.detach().to(f64).reshape(n, 1).to(log_p.device) + STD_EPS) * t)
     elif t != 1.0:
         log_p = log_p / t
     log_p = F.log_softmax(log_p, dim=-1)
     log_p_tail = torch.logaddexp(log_p[:, -1:], torch.full_like(log_p[:, -1:], math.log(TAIL_EPS)))
-    return F.log_softmax(torch.cat([log_p[:, :-1], log_p_tail], dim=-1), dim=-1)
+    return F.log_softmax(torch.cat([log_p[:, :-1], log_p_tail], dim=-1), dim=-1).to(dtype)
 
 
 # ------------------------------------------------------------------------------ top-k + tail
@@ -203,8 +280,10 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
     standardization; at ``T != 1`` or with ``standardize=True`` (which needs
     ``teacher_logit_std [N]``) the teacher's ``k + 1`` buckets are re-tempered as
     ``p ** (1 / T_eff)`` renormalised, ``T_eff = T`` or ``(std + 1e-7) * T``: an approximation,
-    because the teacher's tail is a single bucket. Multiplied by ``T**2``. Returns a float32 scalar
-    (``"mean"``/``"sum"``) or ``[N]`` (``"none"``).
+    because the teacher's tail is a single bucket. Multiplied by ``T**2``. Runs in float64 if
+    ``student_logits`` or ``topk_logprobs`` is float64, else float32 (the teacher's tail mass is
+    formed in float64 either way), and returns that dtype: a scalar (``"mean"``/``"sum"``) or
+    ``[N]`` (``"none"``). Finite with ``-inf`` entries in ``topk_logprobs`` (zero-probability rule).
     """
     _check_kd_args(kind, beta, temperature, reduction)
     if student_logits.dim() != 2:
@@ -223,9 +302,10 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
         if teacher_logit_std.numel() != n:
             raise ValueError(f"teacher_logit_std must have N={n} values, got shape {tuple(teacher_logit_std.shape)}")
     t = float(temperature)
-    with _fp32(student_logits.device):
+    with _no_autocast(student_logits.device):
+        dt = _compute_dtype(student_logits, topk_logprobs)
         # student: (standardize,) temper over the full vocabulary, then coarsen to k + 1 buckets
-        z = student_logits.float()
+        z = student_logits.to(dt)
         if standardize:
             z = _standardize(z)
         log_q_full = F.log_softmax(z / t, dim=-1)
@@ -238,7 +318,7 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
         log_q_tail = torch.logaddexp(log_q_tail, torch.full_like(log_q_tail, math.log(TAIL_EPS)))
         log_q = F.log_softmax(torch.cat([log_q_top, log_q_tail], dim=-1), dim=-1)
 
-        log_p = _teacher_topk_buckets(topk_logprobs, t, standardize, teacher_logit_std)
+        log_p = _teacher_topk_buckets(topk_logprobs, t, standardize, teacher_logit_std, dt)
 
         rows = _divergence_rows(log_p, log_q, kind, beta) * (t * t)
         return _reduce(rows, reduction)
@@ -251,13 +331,16 @@ def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     """Exact full-vocabulary KD between ``student_logits [N, V]`` and ``teacher_logits [N, V]``.
 
     Both rows are (optionally z-scored, then) divided by ``T``; the divergence is multiplied by
-    ``T**2``. Returns a float32 scalar (``"mean"``/``"sum"``) or ``[N]`` (``"none"``).
+    ``T**2``. Runs in float64 if either input is float64, else float32, and returns that dtype: a
+    scalar (``"mean"``/``"sum"``) or ``[N]`` (``"none"``). ``-inf`` teacher logits are
+    zero-probability entries (module docstring: finite on every divergence; with
+    ``standardize=True`` the teacher row is z-scored over its finite entries).
     """
     _check_kd_args(kind, beta, temperature, reduction)
     if student_logits.dim() != 2 or tuple(student_logits.shape) != tuple(teacher_logits.shape):
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must both be [N, V]")
-    with _fp32(student_logits.device):
+    with _no_autocast(student_logits.device):
         return _reduce(_dense_rows(student_logits, teacher_logits, kind, beta, temperature, standardize), reduction)
 
 
@@ -266,12 +349,14 @@ def _chunk_rows(student_hidden: torch.Tensor, student_head_weight: torch.Tensor,
                 teacher_head_weight: torch.Tensor, teacher_head_bias: Optional[torch.Tensor], *,
                 kind: str, beta: float, temperature: float, standardize: bool) -> torch.Tensor:
     """Per-row loss of one chunk: both models' ``[chunk, V]`` logits live only in here."""
-    with _fp32(student_hidden.device):
-        zs = F.linear(student_hidden.float(), student_head_weight.float(),
-                      None if student_head_bias is None else student_head_bias.float())
+    dt = _compute_dtype(student_hidden, student_head_weight, student_head_bias, teacher_hidden,
+                        teacher_head_weight, teacher_head_bias)
+    with _no_autocast(student_hidden.device):
+        zs = F.linear(student_hidden.to(dt), student_head_weight.to(dt),
+                      None if student_head_bias is None else student_head_bias.to(dt))
         with torch.no_grad():
-            zt = F.linear(teacher_hidden.float(), teacher_head_weight.float(),
-                          None if teacher_head_bias is None else teacher_head_bias.float())
+            zt = F.linear(teacher_hidden.to(dt), teacher_head_weight.to(dt),
+                          None if teacher_head_bias is None else teacher_head_bias.to(dt))
         return _dense_rows(zs, zt, kind, beta, temperature, standardize)
 
 
@@ -288,7 +373,7 @@ def chunked_exact_kd_loss(student_hidden: torch.Tensor, student_head_weight: tor
     checkpointed (``use_reentrant=False``) so no ``[N, V]`` tensor is ever materialised, in forward
     or backward. Gradients flow to ``student_hidden``, ``student_head_weight`` and
     ``student_head_bias``; the teacher side is detached. Equal in value and gradients to
-    ``dense_kd_loss`` on the unchunked logits.
+    ``dense_kd_loss`` on the unchunked logits; float64 math and result if any input is float64.
     """
     _check_kd_args(kind, beta, temperature, reduction)
     if int(chunk_size) < 1:
@@ -324,7 +409,8 @@ def chunked_exact_kd_loss(student_hidden: torch.Tensor, student_head_weight: tor
     if rows:
         out = torch.cat(rows)
     else:  # N == 0: an empty, graph-attached result
-        out = student_hidden.float().sum(dim=-1) * 0.0
+        dt = _compute_dtype(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight)
+        out = student_hidden.to(dt).sum(dim=-1) * 0.0
     return _reduce(out, reduction)
 
 
@@ -369,7 +455,7 @@ def feature_loss(projected: torch.Tensor, teacher_hidden: torch.Tensor, kind: st
     if projected.dim() != 2 or tuple(projected.shape) != tuple(teacher_hidden.shape):
         raise ValueError(f"projected {tuple(projected.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} "
                          f"must both be [N, H]")
-    with _fp32(projected.device):
+    with _no_autocast(projected.device):
         p = projected.float()
         t = teacher_hidden.detach().float()
         if kind == "mse":
@@ -386,11 +472,11 @@ def _analytic(kind: str, beta: float, standardize: bool) -> bool:
 
 
 def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: dict, want_grad: bool):
-    """One row block of student logits ``z [n, V]`` (float32, no graph) → (ce ``[n]`` or None,
+    """One row block of student logits ``z [n, V]`` (float32 or float64, no graph) → (ce ``[n]`` or None,
     kd ``[n]`` or None, ``dL/dz [n, V]`` or None) for ``L = ce_w * sum(ce) + kd_w * sum(kd)``.
 
     Forward KL (any ``T``, no standardization) uses closed forms; the other divergences differentiate
-    the reference functions with autograd on this block only. ``blk`` holds the block's
+    the reference functions with autograd on this block only, in ``z``'s dtype. ``blk`` holds the block's
     ``targets``, and ``topk_ids``/``topk_logprobs``/``teacher_logit_std`` (top-k) or
     ``teacher_logits`` (exact), whichever apply.
     """
@@ -454,7 +540,9 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
             r = p_tail / u_tail
             c = (1.0 - p_tail) + r * q_tail
             coef = kd_w * t
-            g_kd_top = (q_top * r - p[:, :-1]) * coef  # [n, k], added at the top-k ids
+            # written straight over the top-k ids (not added to the tail formula's q_j (c - r) there):
+            # q_j c - p_j has no q_j r - q_j r cancellation, which cost ~q_j r eps when r >> 1
+            g_kd_top = (q_top * c - p[:, :-1]) * coef  # [n, k]
     if not want_grad:
         return ce, kd, None
     if exact:
@@ -462,13 +550,15 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
         if use_ce:
             g.add_(q, alpha=ce_w)
     else:
+        if use_ce:  # CE's share q_j at the top-k ids (q at T = 1; q_top is a copy taken before q changes)
+            g_kd_top = g_kd_top + ce_w * (q_top if t == 1.0 else q.gather(-1, ids))
         if t == 1.0:  # qt is q: one in-place pass gives CE's and KD's share of q
             g = q.mul_((c - r) * coef + (ce_w if use_ce else 0.0))
         else:
             g = qt.mul_((c - r) * coef)
             if use_ce:
                 g.add_(q, alpha=ce_w)
-        g.scatter_add_(-1, ids, g_kd_top)
+        g.scatter_(-1, ids, g_kd_top)
     if use_ce:
         g.scatter_add_(-1, blk["targets"].view(-1, 1), torch.full_like(lse, -ce_w))
     return ce, kd, g
@@ -486,7 +576,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     def forward(ctx, h, weight, bias, spec):
         want = spec["want_grad"]
         n = h.shape[0]
-        cd = torch.float64 if h.dtype == torch.float64 else torch.float32  # float64 in: the golden tests
+        cd = spec["dtype"]  # float64 in -> float64 throughout (the golden tests), else float32
         hf = h.detach().to(cd)
         wf = weight.detach().to(cd)
         bf = None if bias is None else bias.detach().to(cd)
@@ -548,7 +638,8 @@ def fused_head_loss(student_hidden: torch.Tensor, head_weight: torch.Tensor, hea
     ``kd_weight=0`` gives CE only. Values and gradients equal ``F.cross_entropy(reduction="sum")``
     plus the matching reference loss with ``reduction="sum"``.
 
-    Work runs ``block_rows`` rows at a time, in float32 (float64 for float64 hidden states): each block's ``[block_rows, V]`` logits
+    Work runs ``block_rows`` rows at a time, in float32 (float64 if any floating input is float64,
+    and the losses come back in that dtype): each block's ``[block_rows, V]`` logits
     give their losses and logit gradient at once (closed form for forward KL without
     standardization; autograd on the block otherwise) and are folded into ``dL/dh`` and
     ``dL/dW`` straight away. So the student's logits are computed once (not once for CE and again
@@ -588,6 +679,8 @@ def fused_head_loss(student_hidden: torch.Tensor, head_weight: torch.Tensor, hea
             rows["topk_ids"], rows["topk_logprobs"] = topk_ids, topk_logprobs
             if teacher_logit_std is not None:
                 rows["teacher_logit_std"] = teacher_logit_std.reshape(n)
+    spec["dtype"] = _compute_dtype(student_hidden, head_weight, head_bias, *(
+        spec.get(key) for key in ("teacher_hidden", "teacher_weight", "teacher_bias")), rows.get("topk_logprobs"))
     spec["want_grad"] = torch.is_grad_enabled() and (student_hidden.requires_grad or head_weight.requires_grad
                                                      or (head_bias is not None and head_bias.requires_grad))
     return _FusedHeadLoss.apply(student_hidden, head_weight, head_bias, spec)
