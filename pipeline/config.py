@@ -24,6 +24,16 @@ from typing import Any, Literal, Optional
 import yaml
 
 
+def prompt_format_problems(key: str, value: str) -> list[str]:
+    """``auto``, ``llava_v1`` or an existing Jinja file."""
+    import os
+
+    if value in ("auto", "llava_v1") or os.path.isfile(value):
+        return []
+    return [f"{key}={value!r}: use auto (the checkpoint's chat template), llava_v1 (LLaVA's conv_vicuna_v1) "
+            f"or the path of a Jinja chat template file"]
+
+
 class ConfigError(ValueError):
     """All problems found in a configuration, one per line."""
 
@@ -101,9 +111,14 @@ class TeacherConfig:
     # smallest its attention takes; its default, 128, is longer than a LLaVA system prompt), vLLM's
     # default on GPU.
     kv_block_size: Optional[int] = None
+    # how conversations become the teacher's prompts (models/prompts.py): auto = the checkpoint's own
+    # chat template (processor or tokenizer), llava_v1 = LLaVA's conv_vicuna_v1 (what LLaVA-1.5 and
+    # the study trained on), or a path to a Jinja chat template
+    prompt_format: str = "auto"
 
     def validate(self) -> list[str]:
         p = []
+        p += prompt_format_problems("teacher.prompt_format", self.prompt_format)
         if self.max_model_len is not None and self.max_model_len < 16:
             p.append("teacher.max_model_len must be >= 16")
         if self.tensor_parallel_size < 1:
@@ -217,6 +232,7 @@ class TrainStudentConfig:
     CE + forward KL + MSE, weights 1, T = 1, lr 2e-5 cosine, warmup 3%, 1 epoch, vision frozen."""
 
     student: Optional[str] = None  # save_pretrained directory of the initial student (with processor)
+    prompt_format: str = "auto"  # the student's prompts: auto | llava_v1 | PATH.jinja (as teacher.prompt_format)
     ce_weight: float = 1.0  # loss = ce_weight·CE + kd_weight·KD + feature_weight·FEAT on answer tokens
     kd_weight: float = 1.0  # logit KD (train_student.kd)
     feature_weight: float = 1.0  # hidden-state feature loss (train_student.feature)
@@ -251,7 +267,7 @@ class TrainStudentConfig:
     log_sample_ids: bool = False  # each rank logs the ids of its samples per step (audit of DDP sharding)
 
     def validate(self) -> list[str]:
-        p = self.kd.validate()
+        p = self.kd.validate() + prompt_format_problems("train_student.prompt_format", self.prompt_format)
         if self.lr <= 0:
             p.append("train_student.lr must be > 0")
         if not 0 <= self.warmup_ratio < 1:
@@ -276,6 +292,8 @@ class EvalConfig:
     image_root: Optional[str] = None  # images of `data`; defaults to ingest.image_root
     cache: Optional[str] = None  # a held-out teacher cache directory (…/cache_teacher) for KL / perplexity
     cache_image_root: Optional[str] = None  # images of the cache's samples; defaults to its run's ingest.image_root
+    # the evaluated model's prompts: auto | llava_v1 | PATH.jinja; null = train_student.prompt_format
+    prompt_format: Optional[str] = None
     max_new_tokens: int = 16  # greedy answer length cap
     max_samples: int = 0  # 0 = all
 
@@ -283,6 +301,8 @@ class EvalConfig:
         p = []
         if self.max_new_tokens < 1 or self.max_samples < 0:
             p.append("eval.max_new_tokens must be >= 1 and eval.max_samples >= 0")
+        if self.prompt_format is not None:
+            p += prompt_format_problems("eval.prompt_format", self.prompt_format)
         return p
 
 

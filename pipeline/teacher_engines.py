@@ -1,10 +1,10 @@
 """Teacher engines: the same requests served by vLLM (default, the fast path) or by HF
 transformers (for models vLLM cannot serve, and the numerical reference).
 
-Contract of ``generate``: one ``GenRequest`` (prompt text rendered with the teacher's chat
-template, optional PIL image for the single ``<image>`` placeholder, per-request seed) →
-one ``GenResult`` with the generated token ids *without* the trailing EOS and a finish reason
-``"stop"`` (EOS or a stop string) or ``"length"`` (hit ``max_new_tokens`` or the context). The
+Contract of ``generate``: one ``GenRequest`` (prompt text rendered in the teacher's prompt format by
+``models.ModelAdapter``, optional PIL image for its single image placeholder, per-request seed) →
+one ``GenResult`` with the generated token ids *without* the trailing stop token and a finish reason
+``"stop"`` (a stop token — EOS or the family's end-of-turn, ``ModelAdapter.stop_ids`` — or a stop string) or ``"length"`` (hit ``max_new_tokens`` or the context). The
 text is decoded by the caller with the teacher tokenizer, so both engines give identical text
 for identical ids.
 
@@ -84,16 +84,20 @@ def max_model_len(teacher: TeacherConfig) -> int:
     return int(getattr(getattr(cfg, "text_config", cfg), "max_position_embeddings"))
 
 
-def load_processor(model_dir: str | Path):
-    from transformers import AutoProcessor
+def teacher_adapter(teacher: TeacherConfig):
+    """The teacher's ``models.ModelAdapter`` (family, processor, ``teacher.prompt_format``)."""
+    from ..models.adapter import ModelAdapter
 
-    return AutoProcessor.from_pretrained(str(model_dir))
+    return ModelAdapter(teacher.model, teacher.prompt_format)
 
 
-def prompt_token_count(processor, prompt: str, image=None) -> int:
-    """Tokens the model sees for this prompt, image placeholder expanded (as both engines do)."""
-    kw = {"images": [image]} if image is not None else {}
-    return int(processor(text=[prompt], return_tensors="np", **kw)["input_ids"].shape[1])
+def vllm_prompt(adapter, text: str, image) -> dict:
+    """A vLLM prompt: the text's own token ids (as the HF path tokenises it: one BOS even when the
+    template writes it) and the image; vLLM expands the placeholder itself."""
+    p = {"prompt_token_ids": adapter.family.text_ids(adapter.processor, text)}
+    if image is not None:
+        p["multi_modal_data"] = {"image": image}
+    return p
 
 
 def _finish(ids: list[int], eos: set[int], max_new: int) -> GenResult:
@@ -152,10 +156,10 @@ class VLLMEngine:
         from vllm import LLM
 
         self.teacher = teacher
-        self.processor = load_processor(teacher.model)
-        self.tokenizer = self.processor.tokenizer
+        self.adapter = teacher_adapter(teacher)
+        self.processor, self.tokenizer = self.adapter.processor, self.adapter.tokenizer
         self.llm = LLM(**vllm_engine_kwargs(teacher, on_gpu))
-        self.eos = {self.tokenizer.eos_token_id}
+        self.eos = set(self.adapter.stop_ids)
 
     def reset_cache(self) -> None:
         """Forget every cached prefix: what the next request computes no longer depends on the
@@ -168,13 +172,11 @@ class VLLMEngine:
 
         prompts, params = [], []
         for r in reqs:
-            p = {"prompt": r.prompt}
-            if r.image is not None:
-                p["multi_modal_data"] = {"image": r.image}
-            prompts.append(p)
+            prompts.append(vllm_prompt(self.adapter, r.prompt, r.image))
             params.append(SamplingParams(
                 n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_new_tokens,
-                min_tokens=s.min_new_tokens, stop=list(s.stop) or None, seed=r.seed, detokenize=False))
+                min_tokens=s.min_new_tokens, stop=list(s.stop) or None, stop_token_ids=sorted(self.eos),
+                seed=r.seed, detokenize=False))
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         res = []
         for o in outs:
@@ -196,27 +198,24 @@ class HFEngine:
         from transformers import AutoModelForImageTextToText
 
         self.teacher = teacher
-        self.processor = load_processor(teacher.model)
-        self.tokenizer = self.processor.tokenizer
+        self.adapter = teacher_adapter(teacher)
+        self.processor, self.tokenizer = self.adapter.processor, self.adapter.tokenizer
         dtype = getattr(torch, resolve_dtype(teacher.dtype))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForImageTextToText.from_pretrained(teacher.model, dtype=dtype).to(self.device).eval()
-        self.eos = {self.tokenizer.eos_token_id}
+        self.eos = set(self.adapter.stop_ids)
 
     def reset_cache(self) -> None:
         """Nothing to reset: each ``generate`` starts from the prompt alone."""
 
-    def _inputs(self, reqs: Sequence[GenRequest]):
-        images = [r.image for r in reqs if r.image is not None]
-        kw = {"images": images} if images else {}
-        self.processor.tokenizer.padding_side = "left"
-        return self.processor(text=[r.prompt for r in reqs], padding=True, return_tensors="pt", **kw).to(self.device)
+    def _inputs(self, r: GenRequest) -> dict:
+        return {k: v.to(self.device) for k, v in self.adapter.prompt_inputs(r.prompt, r.image).items()}
 
     def generate(self, reqs: Sequence[GenRequest], s: SamplingConfig) -> list[GenResult]:
         import torch
 
         kw = dict(max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens or None,
-                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+                  pad_token_id=self.adapter.pad_token_id, eos_token_id=sorted(self.eos))
         if s.stop:
             kw.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
         out: list[GenResult] = []
@@ -227,10 +226,10 @@ class HFEngine:
         with torch.inference_mode():
             for r in reqs:
                 torch.manual_seed(r.seed)
-                inp = self._inputs([r])
+                inp = self._inputs(r)
                 gen = self.model.generate(**inp, **kw)[:, inp["input_ids"].shape[1]:]
                 for row in gen.tolist():
-                    out.append(_finish(row, self.eos | {self.tokenizer.pad_token_id}, s.max_new_tokens))
+                    out.append(_finish(row, self.eos | {self.adapter.pad_token_id}, s.max_new_tokens))
         return out
 
 
@@ -246,12 +245,14 @@ class ForceRequest:
     """One conversation for the teacher-forced pass.
 
     ``input_ids``: the whole conversation, image placeholder already expanded ([L] ints);
-    ``positions``: indices whose next-token distribution is kept (answer token p ↔ p-1)."""
+    ``positions``: indices whose next-token distribution is kept (answer token p ↔ p-1);
+    ``inputs``: the forward inputs of this sample (``models.adapter.Encoded.inputs``, batch dim 1)."""
 
     input_ids: list[int]
     positions: list[int]
+    inputs: Optional[dict] = None
     image: Optional[object] = None
-    prompt: Optional[str] = None  # the rendered conversation text (the vLLM forcer tokenises it itself)
+    prompt: Optional[str] = None  # the rendered conversation text (the vLLM forcer sends its token ids)
 
 
 @dataclass
@@ -264,19 +265,6 @@ class ForceResult:
     topk_ids: object
     topk_logprobs: object
     logit_stats: object
-
-
-def image_seq_len(processor) -> int:
-    """Image tokens per ``<image>`` for this processor (measured on a dummy image, so it holds
-    for any vision tower / feature-selection strategy)."""
-    from PIL import Image
-
-    tok = processor.tokenizer
-    img_id = tok.convert_tokens_to_ids("<image>")
-    size = getattr(processor.image_processor, "crop_size", None) or {"height": 336, "width": 336}
-    im = Image.new("RGB", (int(size.get("width", 336)), int(size.get("height", 336))))
-    ids = processor(text=["<image>"], images=[im], return_tensors="np")["input_ids"][0]
-    return int((ids == img_id).sum())
 
 
 def topk_from_hidden(hidden, head_weight, k: int, head_bias=None):
@@ -303,35 +291,24 @@ class HFTeacherForcer:
         from transformers import AutoModelForImageTextToText
 
         self.k = top_k
-        self.processor = load_processor(teacher.model)
-        self.tokenizer = self.processor.tokenizer
+        self.adapter = teacher_adapter(teacher)
+        self.processor, self.tokenizer = self.adapter.processor, self.adapter.tokenizer
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = getattr(torch, resolve_dtype(teacher.dtype))
         self.model = AutoModelForImageTextToText.from_pretrained(teacher.model, dtype=self.dtype).to(self.device).eval()
         self.head = self.model.get_output_embeddings()
         self.hidden_size = int(self.head.weight.shape[1])
-        self.image_seq_len = image_seq_len(self.processor)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
 
     def forward_hidden(self, reqs: Sequence[ForceRequest]):
         """Final post-norm hidden states ``[B, L, H]`` of a right-padded batch (the bare pass the
         benchmark compares the stage against)."""
         import torch
 
-        L = max(len(r.input_ids) for r in reqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(reqs), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(reqs), L), dtype=torch.long)
-        for b, r in enumerate(reqs):
-            ids[b, : len(r.input_ids)] = torch.tensor(r.input_ids)
-            mask[b, : len(r.input_ids)] = 1
-        images = [r.image for r in reqs if r.image is not None]
-        kw = {}
-        if images:
-            pv = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            kw["pixel_values"] = pv.to(self.device, self.dtype)
+        batch = self.adapter.collate([r.inputs for r in reqs])
+        batch = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                 for k, v in batch.items()}
         with torch.inference_mode():
-            out = self.model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
+            out = self.model.model(**batch)
         return out.last_hidden_state
 
     def score(self, reqs: Sequence[ForceRequest]) -> list[ForceResult]:
@@ -399,10 +376,8 @@ class VLLMTeacherForcer:
         from vllm import LLM
 
         self.k = top_k
-        self.processor = load_processor(teacher.model)
-        self.tokenizer = self.processor.tokenizer
-        self.image_seq_len = image_seq_len(self.processor)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        self.adapter = teacher_adapter(teacher)
+        self.processor, self.tokenizer = self.adapter.processor, self.adapter.tokenizer
         head = output_head(teacher.model)
         self.head_w, self.head_b = head["weight"].float(), head.get("bias")
         self.hidden_size = int(self.head_w.shape[1])
@@ -427,9 +402,7 @@ class VLLMTeacherForcer:
         for r in reqs:
             if r.prompt is None:
                 raise ValueError("the vLLM teacher forcer needs the rendered prompt text")
-            p = {"prompt": r.prompt}
-            if r.image is not None:
-                p["multi_modal_data"] = {"image": r.image}
+            p = vllm_prompt(self.adapter, r.prompt, r.image)
             self.llm.apply_model(_reset_norm_hook)
             out = self.llm.generate([p], params, use_tqdm=False)[0]
             if list(out.prompt_token_ids) != list(r.input_ids):

@@ -2,7 +2,7 @@
 
 Teacher-forced forward over each whole conversation of ``regenerate/`` (default) or ``data/``
 (``cache_teacher.source``: the study's regenerated-or-original ablation). At every position that
-predicts an answer token (``schemas.conversation.tokenize_conversation``) it keeps the
+predicts an answer token (``models.adapter.ModelAdapter``: spans and forward inputs) it keeps the
 final-layer post-norm hidden state, the top-k token ids and raw log-probabilities (T = 1), the
 full-row logit mean/std, and the answer token id — the arrays of ``schemas.teacher_cache``.
 
@@ -28,8 +28,7 @@ from ..pipeline.stage import (ShardOutput, ShardTask, StageContext, engine_insta
                               teacher_resources)
 from ..pipeline.teacher_engines import (ForceRequest, ForceResult, HFTeacherForcer, make_forcer, max_model_len,
                                         output_head, topk_from_hidden)
-from ..schemas.conversation import (answer_positions, template_hash, to_messages, tokenize_conversation,
-                                    tokenizer_hash)
+from ..schemas.conversation import tokenizer_hash
 from ..schemas.samples import Reject, iter_samples
 from ..schemas.teacher_cache import CacheShardWriter, CacheSpec, write_index
 from .regenerate import load_image, teacher_identity, teacher_preflight
@@ -64,7 +63,8 @@ class CacheTeacherStage:
         return "zarr" if cfg.cache_teacher.store == "zarr" else "tar"
 
     def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
-        return teacher_preflight(cfg) + engine_installed(cfg.cache_teacher.engine, "cache_teacher.engine")
+        return (engine_installed(cfg.cache_teacher.engine, "cache_teacher.engine")
+                or teacher_preflight(cfg, cfg.cache_teacher.engine))
 
     def material(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
         c = asdict(cfg.cache_teacher)
@@ -82,20 +82,19 @@ class CacheTeacherStage:
         return make_forcer(ctx.cfg.cache_teacher.engine, ctx.cfg.teacher, ctx.cfg.cache_teacher.top_k)
 
     def prepare(self, ctx: StageContext, forcer, row: dict, limit: int) -> tuple[ForceRequest, list[int]]:
-        """A sample row → (teacher-forcing request, answer token ids), or raise ``Reject``."""
-        ids, spans = tokenize_conversation(forcer.tokenizer, row["conversations"], forcer.image_token_id,
-                                           forcer.image_seq_len)
-        if len(ids) > limit:
-            raise Reject("too_long", f"{len(ids)} tokens > max_model_len={limit}")
+        """A sample row → (teacher-forcing request, answer token ids), or raise ``Reject``.
+        The answer spans and the forward inputs come from the teacher's ``models.ModelAdapter``."""
+        conv = forcer.adapter.conversation(row["conversations"], row["image"] is not None)
         image = None
         if row["image"] is not None:
             try:
                 image = load_image(ctx.cfg.ingest.image_root, row["image"])
             except Exception as e:  # noqa: BLE001
                 raise Reject("image_error", f"{row['image']}: {type(e).__name__}: {e}") from None
-        pos = answer_positions(spans)
-        text = forcer.tokenizer.apply_chat_template(to_messages(row["conversations"]), tokenize=False)
-        return ForceRequest(ids, pos, image, text), [ids[p + 1] for p in pos]
+        enc = forcer.adapter.encode(conv, image)
+        if len(enc.ids) > limit:
+            raise Reject("too_long", f"{len(enc.ids)} tokens > max_model_len={limit}")
+        return ForceRequest(enc.ids, enc.positions, enc.inputs, image, conv.text), enc.answer_ids
 
     def process(self, ctx: StageContext, forcer, task: ShardTask) -> ShardOutput:
         """Three overlapped steps joined by bounded queues, so the teacher forward never waits
@@ -119,19 +118,23 @@ class CacheTeacherStage:
         window_size = c.batch_size * WINDOW_BATCHES
         cpu = {"prepare": 0.0, "write": 0.0}  # CPU seconds of the reader / writer threads (overlapped work)
 
+        def reject(i: int, sid: str, source, reason: str, detail: str) -> None:
+            # from the reader thread (prepare) and this one (model_error): sorted by input index at the end
+            reasons[reason] = reasons.get(reason, 0) + 1
+            rejects.append((i, {"id": sid, "source": source, "reason": reason, "detail": detail}))
+
         def prepared_windows() -> Iterator[tuple[list, list[int]]]:  # reader thread
             nonlocal n_in
 
             def prep(window):
                 prepared = []
-                for row in window:
+                base = n_in - len(window)  # input index of window[0]
+                for i, row in enumerate(window):
                     try:
                         req, tok = self.prepare(ctx, forcer, row, limit)
-                        prepared.append((row["id"], req, tok))
+                        prepared.append((row["id"], req, tok, base + i, row.get("source")))
                     except Reject as r:
-                        reasons[r.reason] = reasons.get(r.reason, 0) + 1
-                        rejects.append({"id": row["id"], "source": row.get("source"), "reason": r.reason,
-                                        "detail": r.detail})
+                        reject(base + i, row["id"], row.get("source"), r.reason, r.detail)
                 # sorted by length within the window: less padding per batch
                 return prepared, sorted(range(len(prepared)), key=lambda j: (len(prepared[j][1].input_ids), j))
 
@@ -154,8 +157,9 @@ class CacheTeacherStage:
         def write(item) -> None:  # writer thread
             t = time.thread_time()
             prepared, results = item
-            for (sid, _req, tok), r in zip(prepared, results):  # input order
-                writer.add(sid, tok, r.hidden, r.topk_ids, r.topk_logprobs, r.logit_stats)
+            for (sid, _req, tok, _i, _src), r in zip(prepared, results):  # input order
+                if r is not None:  # None: the teacher failed on this record (rejected as model_error)
+                    writer.add(sid, tok, r.hidden, r.topk_ids, r.topk_logprobs, r.logit_stats)
             cpu["write"] += time.thread_time() - t
 
         reader = _Prefetch(prepared_windows, depth=1, name=f"cache-teacher-read-{task.index}")
@@ -166,7 +170,7 @@ class CacheTeacherStage:
                 for b in range(0, len(order), c.batch_size):
                     idx = order[b: b + c.batch_size]
                     t = time.time()
-                    for j, r in zip(idx, _score(forcer, [prepared[j][1] for j in idx])):
+                    for j, r in zip(idx, _score_each(forcer, [prepared[j] for j in idx], reject)):
                         results[j] = r
                     t_fwd += time.time() - t
                 sink.put((prepared, results))
@@ -179,7 +183,7 @@ class CacheTeacherStage:
             sink.stop()
             writer.abort()
             raise
-        atomic.write_jsonl(ctx.stage.rejects_file(task.index), rejects)
+        atomic.write_jsonl(ctx.stage.rejects_file(task.index), [r for _, r in sorted(rejects, key=lambda x: x[0])])
         counts = {"in": n_in, "out": info["n_samples"], "rejected": dict(sorted(reasons.items())),
                   "tokens": info["n_tokens"]}
         secs = time.time() - t0
@@ -194,17 +198,19 @@ class CacheTeacherStage:
 
     def finalize(self, ctx: StageContext) -> None:
         """``index.json`` (from the done markers) and ``teacher_head.safetensors``."""
-        from transformers import AutoTokenizer
+        from ..pipeline.teacher_engines import teacher_adapter
 
         sd = ctx.stage
         t = ctx.cfg.teacher
         head = output_head(t.model)
         atomic.write_bytes(sd.path / HEAD_FILE, _safetensors_bytes({k: v.contiguous() for k, v in head.items()},
                                                                    {"logit_transform": "none", "format": "pt"}))
-        tok = AutoTokenizer.from_pretrained(t.model)
+        adapter = teacher_adapter(t)
+        tok = adapter.tokenizer
         V, H = head["weight"].shape
         meta = {**cache_spec(ctx.cfg, int(H)).to_meta(), "vocab_size": int(V), "teacher": teacher_identity(ctx.cfg),
-                "tokenizer_sha256": tokenizer_hash(tok), "chat_template_sha256": template_hash(tok),
+                "tokenizer_sha256": tokenizer_hash(tok), "chat_template_sha256": adapter.renderer.identity,
+                "prompt_format": t.prompt_format, "family": adapter.family.name,
                 "source": ctx.cfg.cache_teacher.source, "engine": ctx.cfg.cache_teacher.engine,
                 "stage_fingerprint": ctx.fingerprint, "head_file": HEAD_FILE}
         shards = []
@@ -229,6 +235,22 @@ def _safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
     if len(text) > n:  # cannot happen for ASCII keys; never write a header that would not parse
         raise RuntimeError("safetensors header grew when its keys were sorted")
     return raw[:8] + text.ljust(n, b" ") + raw[8 + n:]
+
+
+def _score_each(forcer, items: list, reject: Callable) -> list:
+    """``_score`` of a batch; when the batch fails, each record alone, so a record the teacher cannot
+    take is rejected (``model_error`` with the reason) and the shard goes on (None in its place)."""
+    try:
+        return _score(forcer, [it[1] for it in items])
+    except Exception:  # noqa: BLE001
+        out = []
+        for sid, req, _tok, i, src in items:
+            try:
+                out.append(_score(forcer, [req])[0])
+            except Exception as e:  # noqa: BLE001
+                reject(i, sid, src, "model_error", f"{type(e).__name__}: {e}"[:500])
+                out.append(None)
+        return out
 
 
 def _score(forcer, reqs) -> list:

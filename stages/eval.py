@@ -246,18 +246,22 @@ def _reason_counts(rejects: list[dict]) -> dict[str, int]:
 # --------------------------------------------------------------------------- model side
 
 
+def eval_prompt_format(cfg: LlavadiConfig) -> str:
+    """The evaluated model's prompt format: ``eval.prompt_format``, else ``train_student.prompt_format``."""
+    return cfg.eval.prompt_format or cfg.train_student.prompt_format
+
+
 def generate_answers(model_dir: str, cfg: LlavadiConfig, qs: list[Question]) -> tuple[list[str], float]:
     """Greedy answers to ``qs`` (reference history before each turn) and the generate seconds."""
     from ..pipeline.config import SamplingConfig
     from ..pipeline.teacher_engines import GenRequest, make_engine
-    from ..schemas.conversation import render_prompt
     from .regenerate import load_image
 
     e = cfg.eval
     root = data_image_root(cfg)
-    engine = make_engine(e.engine, TeacherConfig(model=model_dir))
-    reqs = [GenRequest(render_prompt(engine.tokenizer, q.history), load_image(root, q.image) if q.image else None, 0)
-            for q in qs]
+    engine = make_engine(e.engine, TeacherConfig(model=model_dir, prompt_format=eval_prompt_format(cfg)))
+    reqs = [GenRequest(engine.adapter.prompt(q.history, q.image is not None),
+                       load_image(root, q.image) if q.image else None, 0) for q in qs]
     t0 = time.time()
     res = engine.generate(reqs, SamplingConfig(temperature=0.0, max_new_tokens=e.max_new_tokens))
     secs = time.time() - t0
@@ -296,19 +300,19 @@ def answers_file_rows(qs: list[Question], preds: list[str], model_id: str) -> li
     return rows
 
 
-def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], rejects: Optional[list] = None) -> dict:
+def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], rejects: Optional[list] = None,
+                 prompt_format: str = "auto") -> dict:
     """KL(teacher‖model) on top-k + tail and perplexity over a held-out cache's answer tokens.
     ``image_root``: the folder of the cache's sample images; a sample whose image is missing there
     (or is not the image the cache was made from) is a reject, appended to ``rejects``."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from .train_student import losses
     from .train_student.data import StepDataset, stream_samples, student_tokens
 
-    proc = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    st = student_tokens(proc, model_dir)
+    st = student_tokens(model_dir, prompt_format)
     run_dir = Path(cache_dir).parent
     ds = StepDataset(run_dir, st, image_root, batch_size=1, micro_batch_size=1, rank=0, world=1, seed=0, epoch=0,
                      shuffle_buffer=1)
@@ -321,16 +325,14 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], reje
         nonlocal kl, ce, n
         mb = ds.collate(items)
         with torch.inference_mode():
-            out = model.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                              pixel_values=mb["pixel_values"])
+            out = model.model(**mb["inputs"])
             h = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[mb["rows"]]
             logits = model.get_output_embeddings()(h).float()
             ce += float(torch.nn.functional.cross_entropy(logits, mb["targets"], reduction="sum"))
             kl += float(losses.topk_kd_loss(logits, mb["t_topk_ids"], mb["t_topk_logprobs"], reduction="sum"))
         n += len(mb["targets"])
 
-    ds._processor()
-    for it in stream_samples(run_dir, ds._tok, st, rejects):
+    for it in stream_samples(run_dir, st, rejects):
         problem = _cache_image_problem(image_root, it["row"])
         if problem is not None:
             rejects.append({"id": it["id"], "reason": problem.reason, "detail": problem.detail})
@@ -412,7 +414,7 @@ def evaluate(run_dir: Path | str, cfg: LlavadiConfig, model_dir: str, name: Opti
     if cfg.eval.cache:
         root, where = cache_image_root(cfg)
         crej: list[dict] = []
-        c = cache_scores(model_dir, cfg.eval.cache, root, crej)
+        c = cache_scores(model_dir, cfg.eval.cache, root, crej, eval_prompt_format(cfg))
         atomic.write_jsonl(files["cache_rejects"], crej)
         c.update(image_root=root, image_root_from=where, rejects_file=str(files["cache_rejects"]))
         if "kl_to_teacher" not in c:

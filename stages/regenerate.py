@@ -12,13 +12,15 @@ teacher's answers) plus
 | column                   | type                 | meaning |
 |--------------------------|----------------------|---------|
 | original_conversations   | list<struct<from, value>> | the turns as ingested |
-| teacher                  | string (JSON)        | {"model", "name", "weights"} — path, dir name, weights identity |
+| teacher                  | string (JSON)        | {"model", "name", "weights", "prompt_format"} — path, dir name, weights identity, prompt format |
 | sampling                 | string (JSON)        | engine, temperature, top_p, top_k, max/min_new_tokens, stop, seed |
 | turn_finish_reasons      | list<string>         | per assistant turn: stop, length, or kept_original |
 | turn_num_tokens          | list<int32>          | generated tokens per assistant turn (0 when kept) |
 
 Rejects (``regenerate/rejects/``): ``prompt_too_long`` (prompt ≥ teacher.max_model_len),
-``image_error`` (file unreadable or fails in the processor), ``empty_generation``,
+``image_error`` (file unreadable), ``image_placement`` (``<image>`` outside a human turn, more than one,
+or without an image: ``models.prompts.place_image``), ``processor_error`` (the processor cannot take
+the record), ``model_error`` (the engine fails on this record alone), ``empty_generation``,
 ``truncated`` (hit max_new_tokens with ``reject_truncated=true``). With
 ``on_failure=keep_original`` the original answer is kept instead (finish reason
 ``kept_original``).
@@ -39,10 +41,9 @@ from ..pipeline import atomic
 from ..pipeline.config import LlavadiConfig
 from ..pipeline.stage import (ShardOutput, ShardTask, StageContext, engine_installed, plan_from_upstream,
                               teacher_resources)
-from ..pipeline.teacher_engines import (GenRequest, make_engine, max_model_len, prompt_token_count, request_seed,
+from ..pipeline.teacher_engines import (GenRequest, make_engine, max_model_len, request_seed,
                                         weights_identity)
-from ..schemas.conversation import render_prompt
-from ..schemas.samples import SAMPLE_SCHEMA, TURN_TYPE, iter_samples, write_samples
+from ..schemas.samples import SAMPLE_SCHEMA, TURN_TYPE, Reject, iter_samples, write_samples
 
 REGEN_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [
     pa.field("original_conversations", pa.list_(TURN_TYPE)),
@@ -53,25 +54,44 @@ REGEN_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [
 ])
 
 
-def teacher_preflight(cfg: LlavadiConfig) -> list[str]:
+def teacher_preflight(cfg: LlavadiConfig, engine: str = "hf") -> list[str]:
+    """Before any work: the teacher is a model directory of a supported family, its prompt format
+    can be rendered, and (``engine="vllm"``) vLLM's build here serves that family."""
+    from ..models import UnsupportedModel
+    from ..models.adapter import vllm_support
+    from ..models.prompts import PromptRenderer
+
     t = cfg.teacher.model
     if not t:
-        return ["no teacher: set teacher.model=DIR (a save_pretrained LLaVA directory with its processor)"]
+        return ["no teacher: set teacher.model=DIR (a save_pretrained model directory with its processor)"]
     if not os.path.isdir(t) or not os.path.exists(os.path.join(t, "config.json")):
         return [f"teacher.model {t} is not a model directory (no config.json)"]
+    try:
+        from ..models import family_of, load_processor
+
+        fam = family_of(t)
+        PromptRenderer(load_processor(t), cfg.teacher.prompt_format, "<image>")
+    except UnsupportedModel as e:
+        return [f"teacher.model: {e}"]
+    except ValueError as e:
+        return [f"teacher.prompt_format: {e}"]
+    if engine == "vllm" and (why := vllm_support(t)):
+        return [f"the teacher's family ({fam.name}) cannot run on vLLM here: {why}; use the HF engine "
+                f"(regenerate.engine=hf / cache_teacher.engine=hf)"]
     return []
 
 
 def teacher_identity(cfg: LlavadiConfig) -> dict:
     m = cfg.teacher.model
-    return {"model": os.path.abspath(m), "name": Path(m).name, "weights": weights_identity(m)}
+    return {"model": os.path.abspath(m), "name": Path(m).name, "weights": weights_identity(m),
+            "prompt_format": cfg.teacher.prompt_format}
 
 
 def load_image(image_root: str | None, rel: str):
-    from PIL import Image
+    """The sample's image as 8-bit RGB (``schemas.images.load_rgb``: the one conversion every stage uses)."""
+    from ..schemas.images import load_rgb
 
-    with Image.open(Path(image_root or "") / rel) as im:
-        return im.convert("RGB")
+    return load_rgb(image_root, rel)
 
 
 class RegenerateStage:
@@ -81,7 +101,8 @@ class RegenerateStage:
     upstream = "data"
 
     def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
-        return teacher_preflight(cfg) + engine_installed(cfg.regenerate.engine, "regenerate.engine")
+        return (engine_installed(cfg.regenerate.engine, "regenerate.engine")
+                or teacher_preflight(cfg, cfg.regenerate.engine))
 
     def material(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
         t = asdict(cfg.teacher)
@@ -164,7 +185,7 @@ class RegenerateStage:
         adds the prompt tokens served from the engine's prefix cache to ``cached["prompt_tokens"]``."""
         c = ctx.cfg.regenerate
         keep = c.on_failure == "keep_original"
-        proc = engine.processor
+        adapter = engine.adapter
         tok = engine.tokenizer
         limit = max_model_len(ctx.cfg.teacher)
         state = []  # per sample: dict(img, new_turns, reasons, ntoks, failed)
@@ -184,20 +205,22 @@ class RegenerateStage:
                 if st["fail"] or 2 * t >= len(conv):
                     continue
                 history = st["turns"] + [conv[2 * t]]
-                prompt = render_prompt(tok, history)
                 try:
-                    n = prompt_token_count(proc, prompt, st["img"])
-                except Exception as e:  # noqa: BLE001
-                    st["fail"] = ("image_error", f"processor failed: {type(e).__name__}: {e}")
+                    prompt = adapter.prompt(history, st["img"] is not None)
+                    n = int(adapter.prompt_inputs(prompt, st["img"])["input_ids"].shape[-1])
+                except Reject as r:  # image placement, or a processor that cannot take this record
+                    st["fail"] = (r.reason, f"turn {t}: {r.detail}")
                     continue
                 if n >= limit:
                     st["fail"] = ("prompt_too_long", f"turn {t}: {n} prompt tokens >= max_model_len={limit}")
                     continue
                 reqs.append(GenRequest(prompt, st["img"], request_seed(c.seed, row["id"], t)))
                 who.append(j)
-            results = engine.generate(reqs, c.sampling) if reqs else []
+            results = self._generate(engine, reqs, c.sampling, state, who)
             cached["prompt_tokens"] += sum(r.cached_prompt_tokens for r in results)
             for j, res in zip(who, results):
+                if res is None:  # this record failed in the engine (state[j]["fail"] says why)
+                    continue
                 row, st = block[j], state[j]
                 conv = row["conversations"]
                 text = tok.decode(res.token_ids, skip_special_tokens=True)
@@ -232,6 +255,25 @@ class RegenerateStage:
             else:
                 out.append({"turns": st["turns"], "reasons": st["reasons"], "ntoks": st["ntoks"]})
         return out
+
+    @staticmethod
+    def _generate(engine, reqs: list, sampling, state: list, who: list) -> list:
+        """``engine.generate`` over ``reqs``; when the batch fails, each request alone, so a record the
+        engine cannot take is rejected (``model_error``, with the reason) and the shard goes on.
+        Results are those of the same requests (seeded per request), None where one failed."""
+        if not reqs:
+            return []
+        try:
+            return engine.generate(reqs, sampling)
+        except Exception:  # noqa: BLE001 - find which record(s) the engine refuses
+            out = []
+            for r, j in zip(reqs, who):
+                try:
+                    out.append(engine.generate([r], sampling)[0])
+                except Exception as e:  # noqa: BLE001
+                    state[j]["fail"] = ("model_error", f"{type(e).__name__}: {e}"[:500])
+                    out.append(None)
+            return out
 
     def cleanup(self, ctx: StageContext, task: ShardTask) -> None:
         pass

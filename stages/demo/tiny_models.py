@@ -16,12 +16,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ...pipeline.checkpoints import rename_for_vllm
+from ...models.prompts import LLAVA_V1_SYSTEM
+
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+# LLaVA's conv_vicuna_v1 system text (what LLaVA-1.5 trained on; "curious human … human's" was Vicuna v0)
+VICUNA_SYSTEM = LLAVA_V1_SYSTEM
 # Vicuna v1 (LLaVA-1.5): "<system> USER: <image>\n<q> ASSISTANT: <a></s>USER: <q2> ASSISTANT:"
 # No BOS in the template: prompts are rendered as text and tokenised with special tokens (as
 # vLLM does), which adds exactly one <s>.
@@ -143,8 +144,8 @@ def build_tiny_llava(out_dir: Path | str, spec: TinySpec = STUDENT, *, seed: int
     out_dir = Path(out_dir)
     torch.manual_seed(spec.seed if seed is None else seed)
     model = LlavaForConditionalGeneration(build_config(spec)).float().eval()
-    model.save_pretrained(out_dir)
-    build_processor(spec, system=system).save_pretrained(out_dir)
-    rename_for_vllm(out_dir)
+    from ...models.llava import LLAVA
+
+    LLAVA.save(model, build_processor(spec, system=system), out_dir)
     (out_dir / "llavadi_tiny_spec.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")
     return out_dir

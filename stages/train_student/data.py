@@ -5,26 +5,26 @@ size — the DDP test relies on it):
 
 1. ``CacheReader`` streams cache shard i; sample shard i of the cache's source stage is read as
    a dict id → row (one shard at a time: memory is bounded by the shard size).
-2. Each sample is tokenised with the *student's* chat template and image expansion; its answer
+2. Each sample is rendered in the *student's* prompt format and tokenised; its answer
    token ids must equal the cache's ``token_ids`` — otherwise it is rejected (``token_mismatch``)
    and counted. Valid samples flow through a seeded shuffle buffer spanning shards.
 3. The shuffled stream is cut into global batches of ``batch_size`` (the last partial one is
    dropped, so every rank always has a full share). Rank r takes the r-th slice of each global
    batch, split into ``micro_batch_size`` micro-batches: one *step*.
 4. With DataLoader workers, worker w builds the steps whose index ≡ w (mod W); the DataLoader
-   returns them round-robin, i.e. in step order. Images are loaded and tensors built only
-   here, only for this rank's samples, only for steps not skipped on resume.
+   returns them round-robin, i.e. in step order. Images are loaded, expanded by the student's
+   processor (its own token count for that image) and tensors built only here, only for this rank's samples, only for steps not skipped on resume.
 
 A micro-batch (``collate``) holds, for B conversations right-padded to L tokens and N answer
-tokens in total: ``input_ids [B,L] int64``, ``attention_mask [B,L]``, ``pixel_values
-[n_img,3,h,w]`` or None, ``rows [N] int64`` (flat index b·L + position predicting the token),
+tokens in total: ``inputs`` (the student's forward inputs, ``models.adapter.ModelAdapter.collate``:
+``input_ids [B,L] int64``, ``attention_mask [B,L]`` and the family's image tensors), ``rows [N] int64`` (flat index b·L + position predicting the token),
 ``targets [N] int64``, ``t_hidden [N,Ht] float32``, ``t_topk_ids [N,k] int64``,
 ``t_topk_logprobs [N,k] float32``, ``t_logit_std [N] float32``, ``sample_ids``.
 
-The student's processor is loaded once per process (``load_processor``: a small cache keyed by the
-model directory and its processor files' size/mtime), not once per epoch; ``student_tokens``
-registers the caller's processor there, so forked DataLoader workers inherit it instead of each
-re-reading the tokenizer (~1 s per worker per epoch).
+The student's adapter (processor + prompt format) is built once per process (``load_adapter``: a
+small cache keyed by the model directory, the format and its processor files' size/mtime), not once
+per epoch; forked DataLoader workers inherit it instead of each re-reading the tokenizer (~1 s per
+worker per epoch).
 """
 from __future__ import annotations
 
@@ -39,30 +39,28 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ...pipeline.rundir import StageDir
-from ...schemas.conversation import answer_positions, tokenize_conversation
 from ...schemas.samples import Reject, iter_samples
 from ...schemas.teacher_cache import CacheReader
 
 
 @dataclass
 class StudentTokens:
-    """What the loader needs from the student's processor (picklable, for worker processes)."""
+    """What the loader needs to rebuild the student's ``ModelAdapter`` (picklable, for worker processes)."""
 
     model_dir: str
-    image_token_id: int
-    image_seq_len: int
+    prompt_format: str
     pad_token_id: int
 
 
-# processor files whose change must invalidate a cached processor
+# processor files whose change must invalidate a cached adapter
 _PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-                    "processor_config.json")
-_PROCESSORS: dict = {}  # _processor_key → processor, this process only (forked workers inherit it)
-_MAX_PROCESSORS = 4
+                    "processor_config.json", "generation_config.json", "config.json")
+_ADAPTERS: dict = {}  # key → ModelAdapter, this process only (forked workers inherit it)
+_MAX_ADAPTERS = 4
 
 
-def _processor_key(model_dir: str) -> tuple:
+def _adapter_key(model_dir: str, prompt_format: str) -> tuple:
     d = os.path.abspath(model_dir)
     sig = []
     for name in _PROCESSOR_FILES:
@@ -71,41 +69,33 @@ def _processor_key(model_dir: str) -> tuple:
         except OSError:
             continue
         sig.append((name, s.st_size, s.st_mtime_ns))
-    return d, tuple(sig)
+    return d, prompt_format, tuple(sig)
 
 
-def _remember_processor(key: tuple, processor) -> None:
-    _PROCESSORS.pop(key, None)
-    _PROCESSORS[key] = processor
-    while len(_PROCESSORS) > _MAX_PROCESSORS:
-        _PROCESSORS.pop(next(iter(_PROCESSORS)))
-
-
-def load_processor(model_dir: str):
-    """``AutoProcessor.from_pretrained(model_dir)``, loaded once per process (and per change of
+def load_adapter(model_dir: str, prompt_format: str = "auto"):
+    """``models.ModelAdapter(model_dir, prompt_format)``, built once per process (and per change of
     the directory's processor files)."""
-    key = _processor_key(model_dir)
-    proc = _PROCESSORS.get(key)
-    if proc is None:
-        from transformers import AutoProcessor
+    from ...models.adapter import ModelAdapter
 
-        proc = AutoProcessor.from_pretrained(model_dir)
-        _remember_processor(key, proc)
-    return proc
-
-
-def student_tokens(processor, model_dir: str) -> StudentTokens:
-    """``processor`` must be the one of ``model_dir`` (``AutoProcessor.from_pretrained(model_dir)``);
-    it is reused by the loader of this process and of its forked workers."""
-    from ...pipeline.teacher_engines import image_seq_len
-
-    _remember_processor(_processor_key(model_dir), processor)
-    tok = processor.tokenizer
-    return StudentTokens(model_dir, tok.convert_tokens_to_ids("<image>"), image_seq_len(processor), tok.pad_token_id)
+    key = _adapter_key(model_dir, prompt_format)
+    ad = _ADAPTERS.pop(key, None) or ModelAdapter(model_dir, prompt_format)
+    _ADAPTERS[key] = ad
+    while len(_ADAPTERS) > _MAX_ADAPTERS:
+        _ADAPTERS.pop(next(iter(_ADAPTERS)))
+    return ad
 
 
-def stream_samples(run_dir: Path, tokenizer, st: StudentTokens, rejects: Optional[list] = None) -> Iterator[dict]:
-    """Valid training samples in cache order: ``{"id", "row", "ids", "positions", "cache"}``."""
+def student_tokens(model_dir: str, prompt_format: str = "auto") -> StudentTokens:
+    """The student's adapter spec; the adapter is cached for the loader of this process and of its
+    forked workers."""
+    ad = load_adapter(model_dir, prompt_format)
+    return StudentTokens(model_dir, prompt_format, ad.pad_token_id)
+
+
+def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = None) -> Iterator[dict]:
+    """Valid training samples in cache order: ``{"id", "row", "conv", "cache"}`` (``conv``: the
+    conversation in the student's prompt format, ``models.adapter.TextConversation``)."""
+    adapter = load_adapter(st.model_dir, st.prompt_format)
     cache_dir = Path(run_dir) / "cache_teacher"
     reader = CacheReader(cache_dir)
     src = StageDir(Path(run_dir), reader.meta.get("source", "regenerate"))
@@ -117,9 +107,8 @@ def stream_samples(run_dir: Path, tokenizer, st: StudentTokens, rejects: Optiona
             try:
                 if row is None:
                     raise Reject("missing_sample", f"{s['sample_id']} is not in {src.data_file(entry['shard']).name}")
-                ids, spans = tokenize_conversation(tokenizer, row["conversations"], st.image_token_id, st.image_seq_len)
-                pos = answer_positions(spans)
-                mine = [ids[p + 1] for p in pos]
+                conv = adapter.conversation(row["conversations"], row["image"] is not None)
+                mine = [conv.ids[p] for a, b in conv.spans for p in range(a, b)]
                 if mine != s["token_ids"].tolist():
                     raise Reject("token_mismatch", f"student answer ids differ from the cache's "
                                                    f"({len(mine)} vs {len(s['token_ids'])} tokens)")
@@ -127,7 +116,7 @@ def stream_samples(run_dir: Path, tokenizer, st: StudentTokens, rejects: Optiona
                 if rejects is not None:
                     rejects.append({"id": s["sample_id"], "reason": r.reason, "detail": r.detail})
                 continue
-            yield {"id": s["sample_id"], "row": row, "ids": ids, "positions": pos, "cache": s}
+            yield {"id": s["sample_id"], "row": row, "conv": conv, "cache": s}
 
 
 def shuffled(items: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
@@ -158,17 +147,11 @@ class StepDataset(IterableDataset):
         self.G, self.mb, self.rank, self.world = batch_size, micro_batch_size, rank, world
         self.seed, self.epoch, self.buffer = seed, epoch, shuffle_buffer
         self.start_step, self.max_steps = start_step, max_steps
-        self._tok = self._proc = None
-
-    def _processor(self):
-        if self._proc is None:
-            self._proc = load_processor(self.st.model_dir)
-            self._tok = self._proc.tokenizer
-        return self._proc
+    def _adapter(self):
+        return load_adapter(self.st.model_dir, self.st.prompt_format)
 
     def global_batches(self, rejects: Optional[list] = None) -> Iterator[list[dict]]:
-        self._processor()
-        stream = shuffled(stream_samples(self.run_dir, self._tok, self.st, rejects), self.buffer,
+        stream = shuffled(stream_samples(self.run_dir, self.st, rejects), self.buffer,
                           self.seed * 1_000_003 + self.epoch)
         batch: list[dict] = []
         for it in stream:
@@ -190,26 +173,23 @@ class StepDataset(IterableDataset):
             yield {"step": step, "micro_batches": [self.collate(mine[i: i + self.mb]) for i in range(0, share, self.mb)]}
 
     def collate(self, items: list[dict]) -> dict:
-        from PIL import Image
+        from ...schemas.images import load_rgb
 
-        proc = self._processor()
-        L = max(len(it["ids"]) for it in items)
-        B = len(items)
-        input_ids = torch.full((B, L), self.st.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        rows, images = [], []
-        for b, it in enumerate(items):
-            n = len(it["ids"])
-            input_ids[b, :n] = torch.tensor(it["ids"])
-            mask[b, :n] = 1
-            rows += [b * L + p for p in it["positions"]]
-            if it["row"]["image"] is not None:
-                with Image.open(Path(self.image_root or "") / it["row"]["image"]) as im:
-                    images.append(im.convert("RGB"))
-        pv = proc.image_processor(images=images, return_tensors="pt")["pixel_values"] if images else None
+        adapter = self._adapter()
+        encs = []
+        for it in items:
+            image = load_rgb(self.image_root, it["row"]["image"]) if it["row"]["image"] is not None else None
+            try:
+                encs.append(adapter.encode(it["conv"], image))
+            except Reject as r:
+                raise RuntimeError(f"sample {it['id']}: the student's processor cannot take it "
+                                   f"({r.reason}: {r.detail})") from None
+        inputs = adapter.collate([e.inputs for e in encs])
+        L = int(inputs["input_ids"].shape[1])
+        rows = [b * L + p for b, e in enumerate(encs) for p in e.positions]
         cat = lambda key: np.concatenate([it["cache"][key] for it in items], 0)  # noqa: E731
         return {
-            "input_ids": input_ids, "attention_mask": mask, "pixel_values": pv,
+            "inputs": inputs,
             "rows": torch.tensor(rows, dtype=torch.long),
             "targets": torch.from_numpy(cat("token_ids").astype(np.int64)),
             "t_hidden": torch.from_numpy(cat("hidden")),

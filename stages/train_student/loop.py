@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 from ...pipeline import atomic, remote
-from ...pipeline.checkpoints import rename_for_vllm
 from ...pipeline.config import LlavadiConfig, changed_keys, fingerprint
 from ...pipeline.locks import StageLock
 from ...pipeline.rundir import StageDir
@@ -38,7 +37,7 @@ from ...pipeline.runner import StageError, write_run_config
 from ...schemas.conversation import tokenizer_hash
 from ...schemas.teacher_cache import CacheReader
 from . import losses
-from .data import StepDataset, stream_samples, student_tokens
+from .data import StepDataset, load_adapter, stream_samples, student_tokens
 
 STAGE_DIR = "train_student"
 
@@ -67,8 +66,7 @@ class StudentWithProjector(torch.nn.Module):
 
     def forward(self, mb: dict):
         with self.autocast():
-            out = self.student.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                                     pixel_values=mb["pixel_values"])
+            out = self.student.model(**mb["inputs"])
             hid = out.last_hidden_state
             h = hid.reshape(-1, hid.shape[-1])[mb["rows"]]  # [N, Hs]: answer positions only
             proj = self.projector(h)
@@ -121,6 +119,9 @@ def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[st
                  f"(a save_pretrained LLaVA-style model with its processor)")
     if p:
         return p, up_fp
+    p += student_problems(c)
+    if p:
+        return p, up_fp
     from transformers import AutoConfig, AutoTokenizer
 
     meta = CacheReader(up.path, verify=False).meta
@@ -134,6 +135,40 @@ def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[st
     if c.kd.exact and V != meta["vocab_size"]:
         p.append(f"train_student.kd.exact needs equal output sizes: student {V}, teacher {meta['vocab_size']}")
     return p, up_fp
+
+
+def frozen_parameters(student, family, c) -> set[str]:
+    """Names of the parameters ``freeze_vision`` / ``freeze_projector`` / ``freeze_lm`` freeze, by the
+    family's parameter groups (``models.base.Family.group_params``: a group that matches nothing raises
+    ``ValueError`` rather than silently training what the user froze)."""
+    out: set[str] = set()
+    for flag, group in ((c.freeze_vision, "vision"), (c.freeze_projector, "projector"), (c.freeze_lm, "lm")):
+        if flag:
+            out.update(family.group_params(student, group))
+    return out
+
+
+def student_problems(c) -> list[str]:
+    """The student is of a supported family, its prompt format renders, and every ``freeze_*`` that is
+    on matches parameters (checked on a meta-device model: no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from ...models import UnsupportedModel, family_of
+    try:
+        family_of(c.student)
+        load_adapter(c.student, c.prompt_format)
+    except UnsupportedModel as e:
+        return [f"train_student.student: {e}"]
+    except ValueError as e:
+        return [f"train_student.prompt_format: {e}"]
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(c.student))
+    try:
+        frozen_parameters(model, family_of(c.student), c)
+    except ValueError as e:
+        return [f"train_student.freeze_*: {e}"]
+    return []
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
@@ -263,14 +298,17 @@ def rank_zero() -> bool:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(out: Path, student, processor, projector, opt, sched, state: dict, keep: int) -> Path:
+def save_checkpoint(out: Path, student, adapter, projector, opt, sched, state: dict, keep: int) -> Path:
     final = out / f"step_{state['global_step']:06d}"
     tmp = atomic.tmp_name(final)
     if tmp.exists():
         shutil.rmtree(tmp)
-    student.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    rename_for_vllm(tmp)
+    adapter.family.save(student, adapter.processor, tmp)  # the layout transformers and vLLM both load
+    for extra in ("generation_config.json", "chat_template.json", "chat_template.jinja"):
+        # as the student shipped them (the template file a processor saves may have another name)
+        src_file = Path(adapter.model_dir) / extra
+        if src_file.exists():
+            shutil.copyfile(src_file, tmp / extra)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "projector": projector.state_dict(),
                 "rng_torch": torch.get_rng_state()}, tmp / "training_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
@@ -332,7 +370,7 @@ def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progr
 
 
 def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress) -> dict:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     from tqdm import tqdm
 
     c = cfg.train_student
@@ -367,15 +405,15 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
     device = "cuda" if torch.cuda.is_available() else "cpu"
     use_bf16 = c.precision == "bf16" or (c.precision == "auto" and device == "cuda")
     student = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).to(device)
-    processor = AutoProcessor.from_pretrained(c.student)
-    st = student_tokens(processor, c.student)
+    st = student_tokens(c.student, c.prompt_format)
+    adapter = load_adapter(c.student, c.prompt_format)
 
     # scan once (rank 0 writes it): valid sample count for the schedule, rejects with reasons
     scan_file = sd.path / "scan.json"
     scan = json.loads(scan_file.read_text()) if scan_file.exists() else None
     if not scan or scan.get("fingerprint") != fp:
         rejects: list = []
-        n_valid = sum(1 for _ in stream_samples(run_dir, processor.tokenizer, st, rejects))
+        n_valid = sum(1 for _ in stream_samples(run_dir, st, rejects))
         by_reason: dict = {}
         for r in rejects:
             by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
@@ -392,11 +430,9 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
     ht = CacheReader(run_dir / "cache_teacher", verify=False).spec.hidden_size
     torch.manual_seed(c.seed)  # projector init independent of what ran before
     projector = Projector(student.config.get_text_config().hidden_size, ht, c.feature.projector).to(device)
+    frozen = frozen_parameters(student, adapter.family, c)
     for name, p in student.named_parameters():
-        frozen = ((c.freeze_vision and ".vision_tower." in f".{name}") or
-                  (c.freeze_projector and ".multi_modal_projector." in f".{name}") or
-                  (c.freeze_lm and (".language_model." in f".{name}" or name.startswith("lm_head"))))
-        p.requires_grad_(not frozen)
+        p.requires_grad_(name not in frozen)
     head_t = None
     if c.kd.exact:
         from safetensors.torch import load_file
@@ -465,6 +501,7 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
             ok_local = True  # every micro-batch loss of this rank finite
             for i, mb in enumerate(mbs):
                 mb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mb.items()}
+                mb["inputs"] = {k: v.to(device) for k, v in mb["inputs"].items()}
                 sync = (i == len(mbs) - 1) or world == 1
                 ctx = ddp.no_sync() if (world > 1 and not sync) else _null()
                 with ctx:
@@ -511,7 +548,7 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
             last = state["global_step"] == total_steps
             if state["global_step"] % c.save_every_steps == 0 or last:
                 if rank == 0:
-                    save_checkpoint(ckpt_dir, student, processor, projector, opt, sched, dict(state), c.keep_checkpoints)
+                    save_checkpoint(ckpt_dir, student, adapter, projector, opt, sched, dict(state), c.keep_checkpoints)
                 if world > 1:
                     dist.barrier()
         if state["global_step"] < total_steps:
