@@ -15,7 +15,7 @@ weights, fp32, greedy):
   HF batched ``generate`` is *expected to win* here; it is reported as measured.
 
 Prompts are text-only (no image rows; ``text_only: true`` in the output): questions rendered
-with the teacher's own chat template by ``schemas.conversation.render_prompt``, as the
+with the teacher's own chat template by ``models.ModelAdapter.prompt``, as the
 regenerate stage renders them. Text-only keeps the comparison on the LM generate loop, which
 is where the engines differ.
 
@@ -139,10 +139,9 @@ def workload_requests(name: str) -> tuple[list[str], list[int]]:
     return qs, lens
 
 
-def render(tokenizer, qs: list[str]) -> list[str]:
-    from llavadi.schemas.conversation import render_prompt
-
-    return [render_prompt(tokenizer, [{"from": "human", "value": q}]) for q in qs]
+def render(adapter, qs: list[str]) -> list[str]:
+    """Single-turn text prompts in the teacher's prompt format (``models.ModelAdapter.prompt``)."""
+    return [adapter.prompt([{"from": "human", "value": q}], False) for q in qs]
 
 
 # --------------------------------------------------------------------------- workers (subprocesses)
@@ -165,7 +164,7 @@ class HFSide:
         self.init_s = time.perf_counter() - t0
         self.model, self.tok = eng.model, eng.tokenizer
         self.tok.padding_side = "left"
-        self.prompts, self.lens = render(self.tok, qs), lens
+        self.prompts, self.lens = render(eng.adapter, qs), lens
         # "input": batches in request order (answer lengths are unknown before generating, so this
         # is what a static batcher can do); "sorted": an oracle best case, batches of similar forced length
         self.orders = {"input": list(range(len(qs))), "sorted": sorted(range(len(qs)), key=lambda i: -lens[i])}
@@ -228,7 +227,7 @@ class VLLMSide:
         t0 = time.perf_counter()
         self.eng = VLLMEngine(teacher)
         self.init_s = time.perf_counter() - t0
-        self.prompts, self.lens = render(self.eng.tokenizer, qs), lens
+        self.prompts, self.lens = render(self.eng.adapter, qs), lens
         t0 = time.perf_counter()
         self._gen(self.prompts[:WARMUP_PROMPTS], [WARMUP_TOKENS] * WARMUP_PROMPTS)
         self.warmup_s = time.perf_counter() - t0

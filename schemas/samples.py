@@ -103,6 +103,10 @@ def validate_conversations(conv, has_image: bool, max_chars: int) -> list[dict]:
         raise Reject("bad_roles", f"{len(turns)} turns: the last human turn has no gpt answer")
     if total > max_chars:
         raise Reject("too_long", f"{total} characters > ingest.max_chars={max_chars}")
+    for i, t in enumerate(turns):  # the one placement rule every stage applies (models.prompts.place_image)
+        if t["from"] != HUMAN and IMAGE_TOKEN in t["value"]:
+            raise Reject("image_placement", f"turn {i} ({t['from']}) contains {IMAGE_TOKEN}: only a human turn may "
+                                            f"(it is moved to the front of the first human turn)")
     n_img = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
     if has_image and n_img != 1:
         raise Reject("image_token_mismatch", f"image referenced but '<image>' appears {n_img} times")

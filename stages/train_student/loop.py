@@ -257,8 +257,10 @@ def apply_update(opt, sched, params, c, state: dict, sums: dict, ok_local: bool,
                 if grads else torch.zeros(()))
     ok = ok_local and bool(torch.isfinite(norm))
     vec = torch.tensor([sums.get(k, 0.0) for k in ("ce", "kd", "feat")] + [0.0 if ok else 1.0], dtype=torch.float64)
-    if world > 1:
+    if world > 1:  # NCCL reduces device tensors only (gloo either)
+        vec = vec.to(norm.device)
         dist.all_reduce(vec)
+        vec = vec.cpu()
     applied = bool(vec[3] == 0) and bool(torch.isfinite(vec[:3]).all())
     if applied:
         opt.step()
@@ -494,7 +496,7 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
             stepped = True
             mbs = item["micro_batches"]
             n_local = sum(len(mb["targets"]) for mb in mbs)
-            n_global = torch.tensor(float(n_local))
+            n_global = torch.tensor(float(n_local), device=device)  # on the device: NCCL reduces no CPU tensor
             if world > 1:
                 dist.all_reduce(n_global)
             sums: dict = {}
