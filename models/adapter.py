@@ -86,7 +86,8 @@ class ModelAdapter:
         self.processor = processor if processor is not None else load_processor(model_dir)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.prompt_format = prompt_format
-        self.renderer = PromptRenderer(self.processor, prompt_format, self.family.placeholder(self.processor))
+        self.renderer = PromptRenderer(self.processor, prompt_format, self.family.placeholder(self.processor),
+                                       self.family.default_chat_template(self.processor))
         self.stop_ids = stop_token_ids(model_dir, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
@@ -145,7 +146,7 @@ class ModelAdapter:
 
     def encode(self, conv: TextConversation, image) -> Encoded:
         """``conv`` with ``image`` (or None) as the model sees it. The processor's ids must equal the
-        text's ids outside the image expansion, and every answer must lie after it; else
+        text's ids outside the image expansion, and no answer may lie inside it; else
         ``Reject("token_mismatch")``."""
         from ..schemas.samples import Reject
 
@@ -158,13 +159,17 @@ class ModelAdapter:
                                                "from its tokenizer")
             return Encoded(E, list(conv.spans), self.family.forward_inputs(out))
         a = _common_prefix(U, E)
-        b = _common_prefix(U[::-1], E[::-1])
-        b = min(b, len(U) - a)
+        b = min(_common_prefix(U[::-1], E[::-1]), len(U) - a, len(E) - a)
         delta = len(E) - len(U)
-        first_after = len(U) - b  # U[first_after:] == E[first_after + delta:]
-        if any(s < first_after for s, _ in conv.spans):
-            raise Reject("token_mismatch", "an answer token lies inside the image expansion")
-        spans = [(s + delta, e + delta) for s, e in conv.spans]
+        # U[:a] == E[:a] and U[len(U)-b:] == E[len(E)-b:]: the image expansion replaced U[a:len(U)-b]
+        spans = []
+        for s_, e_ in conv.spans:
+            if e_ <= a:
+                spans.append((s_, e_))
+            elif s_ >= len(U) - b:
+                spans.append((s_ + delta, e_ + delta))
+            else:
+                raise Reject("token_mismatch", "an answer token lies inside the image expansion")
         return Encoded(E, spans, self.family.forward_inputs(out))
 
     def prompt_inputs(self, text: str, image) -> dict:
@@ -180,9 +185,7 @@ def vllm_support(model_dir: str | Path) -> Optional[str]:
     """None when vLLM's build here serves ``model_dir``'s family, else the reason it cannot."""
     from . import family_of
 
-    fam = family_of(model_dir)
     import torch
 
-    if torch.cuda.is_available():
-        return None
-    return fam.vllm_cpu
+    fam = family_of(model_dir)
+    return fam.vllm_gpu if torch.cuda.is_available() else fam.vllm_cpu

@@ -7,7 +7,9 @@ A ``Family`` says, for one transformers ``model_type``:
 - which processor outputs the forward needs (``forward_keys``); the rest are dropped;
 - the parameter groups ``freeze_*`` act on (``groups``: regexes over ``named_parameters`` names);
 - the save layout both transformers and vLLM load (``save``), and whether vLLM's CPU build serves it
-  (``vllm_cpu``: None, or the reason it cannot).
+  (``vllm_cpu`` / ``vllm_gpu``: None, or the reason it cannot);
+- the prompt ``prompt_format=auto`` falls back to when a checkpoint ships no chat template
+  (``default_chat_template``: PaliGemma's processor layout).
 
 How many tokens an image expands into is never a per-model constant: it is read off the processor's
 own output for that image (``models.encoding``).
@@ -31,8 +33,7 @@ class Family:
     forward_keys: tuple[str, ...]  # processor outputs the model's forward takes besides input_ids/attention_mask
     groups: dict = field(default_factory=dict)  # "vision" | "projector" | "lm" → regex over parameter names
     vllm_cpu: Optional[str] = None  # None: vLLM's CPU build serves it; else why not (refused up front)
-    # token_type_ids the forward needs even for text-only rows (0 everywhere)
-    text_needs_token_type_ids: bool = False
+    vllm_gpu: Optional[str] = None  # the same for vLLM's GPU build
     # tokenizer / processor kwargs for images: "flat" images=[img]; "nested" images=[[img]]
     images_arg: str = "flat"
     # the vision tower's keys vLLM wants renamed on save: (prefix, insert) e.g. ("vision_tower.", "vision_model.")
@@ -53,6 +54,10 @@ class Family:
         out = processor(text=[text], return_tensors="pt", add_special_tokens=add_special_tokens(processor, text),
                         **kw)
         return dict(out)
+
+    def default_chat_template(self, processor) -> Optional[str]:
+        """The template ``prompt_format=auto`` uses when the checkpoint ships none (None: refuse)."""
+        return None
 
     def text_ids(self, processor, text: str) -> list[int]:
         """Token ids of ``text`` as the processor tokenises it, image placeholder NOT expanded."""

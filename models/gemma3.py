@@ -27,8 +27,8 @@ What is particular, and where it comes from (transformers 5.19):
   computes ``logits = lm_head(h)`` and applies NO ``final_logit_softcapping`` (only the text-only
   ``Gemma3ForCausalLM`` does); the published gemma-3 configs set it to null, and vLLM's Gemma3
   (``vllm/model_executor/models/gemma3.py``: ``LogitsProcessor(soft_cap=final_logit_softcapping)``)
-  agrees only while it is null. ``final_logit_softcap(config)`` says what a teacher head must apply
-  to match the HF forward: None.
+  agrees only while it is null. So the teacher head cache-teacher stores (``lm_head.weight``, no
+  transform) is what the HF forward applies.
 - **Parameter groups** (``named_parameters`` of ``Gemma3ForConditionalGeneration`` in transformers 5.19):
   ``model.vision_tower.{embeddings,encoder,post_layernorm}.*`` (the SigLIP tower, no ``vision_model.``
   level any more), ``model.multi_modal_projector.{mm_input_projection_weight, mm_soft_emb_norm.weight}``,
@@ -66,12 +66,6 @@ VLLM_CPU_REASON = (
     "states differ from the model's own (HF) forward (up to 0.17 nats on a tiny model); use engine=hf on CPU")
 
 
-def final_logit_softcap(config) -> float | None:
-    """The soft-cap the HF forward of this family applies to the logits: None
-    (``Gemma3ForConditionalGeneration.forward`` in transformers 5.19 is ``lm_head(h)``)."""
-    return None
-
-
 class Gemma3Family(Family):
     """``Family`` with Gemma3's placeholder (``boi_token``) and ``token_type_ids`` on every row."""
 
@@ -94,7 +88,7 @@ class Gemma3Family(Family):
 
 
 GEMMA3 = Gemma3Family(name="gemma3", model_types=("gemma3",), forward_keys=("pixel_values", "token_type_ids"),
-                      groups=GROUPS, vllm_cpu=VLLM_CPU_REASON, text_needs_token_type_ids=True,
+                      groups=GROUPS, vllm_cpu=VLLM_CPU_REASON,
                       vllm_rename=("vision_tower.", "vision_model."))
 
 FAMILIES = (GEMMA3,)

@@ -43,8 +43,8 @@ turn; a format that puts text before it, e.g. ``llava_v1``, is rejected per reco
 **LM head**: ``lm_head.weight`` tied to ``model.language_model.embed_tokens.weight``;
 ``PaliGemmaForConditionalGeneration.forward`` computes ``logits = lm_head(h)`` with NO soft-capping,
 also for PaliGemma 2 whose Gemma2 ``text_config.final_logit_softcapping`` is 30.0 — while vLLM's
-Gemma2 ``LogitsProcessor(soft_cap=…)`` would apply it. ``final_logit_softcap(config)`` says what a
-teacher head must apply to match the HF forward: None.
+Gemma2 ``LogitsProcessor(soft_cap=…)`` would apply it: the stored teacher head (``lm_head.weight``,
+no transform) is what the HF forward applies.
 
 **Parameter groups** (``named_parameters``, transformers 5.19): ``model.vision_tower.{embeddings,encoder,
 post_layernorm}.*``, ``model.multi_modal_projector.linear.*``, ``model.language_model.*`` (+ the tied
@@ -99,8 +99,7 @@ PALIGEMMA_TEMPLATE = (
 # inserts "<image>×N <bos>" itself, vllm/model_executor/models/paligemma.py PromptInsertion) vLLM's prompt
 # log-probs and greedy answers equal the HF forward with every token_type_id 1 (fully causal), and its
 # greedy answers differ from the model's own prefix-LM forward. By vLLM's code (not measured here) its GPU
-# backends make only the image positions bidirectional (mm_prefix), not the text prefix: refused there too
-# once the generic layer can say so (models.adapter.vllm_support returns None on any GPU).
+# backends make only the image positions bidirectional (mm_prefix), not the text prefix: refused there too.
 VLLM_CPU_REASON = (
     "vLLM's PaliGemma (vllm/model_executor/models/paligemma.py) is not PaliGemma's prefix-LM: it attends "
     "causally over the text prefix (vLLM's mm_prefix_lm makes only image positions bidirectional, and its "
@@ -109,24 +108,17 @@ VLLM_CPU_REASON = (
     "engine=hf")
 
 
-def final_logit_softcap(config) -> float | None:
-    """The soft-cap the HF forward of this family applies to the logits: None (module doc)."""
-    return None
-
-
 class PaliGemmaFamily(Family):
     """``Family`` for llavadi's PaliGemma layout (module doc): own tokenisation of prefix / suffix,
     ``token_type_ids`` on every row, text-only rows without the processor."""
 
     def placeholder(self, processor) -> str:
-        """``<image>`` (``processor.image_token``). Also gives a processor without a chat template
-        ``PALIGEMMA_TEMPLATE`` as its ``chat_template``, so ``prompt_format=auto`` renders llavadi's
-        layout (``ModelAdapter`` asks for the placeholder before it builds its prompt renderer;
-        ``save`` does not write that template into a checkpoint)."""
-        if not getattr(processor, "chat_template", None) and not getattr(
-                getattr(processor, "tokenizer", None), "chat_template", None):
-            processor.chat_template = PALIGEMMA_TEMPLATE
+        """``<image>`` (``processor.image_token``)."""
         return getattr(processor, "image_token", None) or IMAGE
+
+    def default_chat_template(self, processor) -> str:
+        """``PALIGEMMA_TEMPLATE``: what ``prompt_format=auto`` renders, the checkpoints shipping none."""
+        return PALIGEMMA_TEMPLATE
 
     # ------------------------------------------------------------------ layout
 
@@ -215,7 +207,7 @@ class PaliGemmaFamily(Family):
 
 PALIGEMMA = PaliGemmaFamily(name="paligemma", model_types=("paligemma",),
                             forward_keys=("pixel_values", "token_type_ids"), groups=GROUPS,
-                            vllm_cpu=VLLM_CPU_REASON, text_needs_token_type_ids=True,
+                            vllm_cpu=VLLM_CPU_REASON, vllm_gpu=VLLM_CPU_REASON,
                             vllm_rename=("vision_tower.", "vision_model."))
 
 FAMILIES = (PALIGEMMA,)

@@ -19,6 +19,7 @@ an assistant turn, more than one ``<image>``, or ``<image>`` without an image is
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 from pathlib import Path
 from typing import Optional, Sequence
@@ -82,16 +83,17 @@ def render_llava_v1(turns: Sequence[dict], eos: str, add_generation_prompt: bool
     return out
 
 
-def chat_template_of(processor, fmt: str) -> str:
+def chat_template_of(processor, fmt: str, default: Optional[str] = None) -> str:
     """The Jinja text ``fmt`` stands for: the file at ``fmt``, or (``auto``) the processor's chat
-    template, else its tokenizer's. Raises ``ValueError`` naming the fix when there is none."""
+    template, else its tokenizer's, else the family's ``default``. Raises ``ValueError`` naming the
+    fix when there is none."""
     if fmt not in BUILTIN_FORMATS:
         p = Path(fmt)
         if not p.is_file():
             raise ValueError(f"prompt_format={fmt!r}: neither 'auto', 'llava_v1' nor an existing Jinja file")
         return p.read_text()
     tpl = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None),
-                                                                 "chat_template", None)
+                                                                 "chat_template", None) or default
     if not tpl:
         raise ValueError("prompt_format=auto but the checkpoint has no chat template (no chat_template.json/"
                          ".jinja beside the processor, none in tokenizer_config.json): set prompt_format=llava_v1 "
@@ -102,11 +104,16 @@ def chat_template_of(processor, fmt: str) -> str:
 
 
 _PROBE = "llavadi-probe-7Q"
+# Templates that print today's date (Mistral's default system prompt: ``strftime_now``) get this
+# fixed date instead: a prompt must not change between a run and its resume, or from one day's cache
+# to the next day's student (it is part of the renderer's identity, hence of the cache fingerprint).
+TEMPLATE_DATE = datetime.datetime(2025, 1, 1)
 
 
 def _render_jinja(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+                                         add_generation_prompt=add_generation_prompt,
+                                         strftime_now=TEMPLATE_DATE.strftime)
 
 
 def template_reads_structured(tokenizer, template: str) -> bool:
@@ -145,7 +152,7 @@ class PromptRenderer:
     ``turns`` must have passed ``place_image``. ``identity`` is a hash of what decides the text (format
     and template), recorded in cache fingerprints."""
 
-    def __init__(self, processor, fmt: str, placeholder: str):
+    def __init__(self, processor, fmt: str, placeholder: str, default_template: Optional[str] = None):
         self.processor, self.fmt, self.placeholder = processor, fmt, placeholder
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if fmt == "llava_v1":
@@ -153,9 +160,9 @@ class PromptRenderer:
             self.structured = False
             ident = "llava_v1:" + LLAVA_V1_SYSTEM
         else:
-            self.template = chat_template_of(processor, fmt)
+            self.template = chat_template_of(processor, fmt, default_template)
             self.structured = template_reads_structured(self.tokenizer, self.template)
-            ident = self.template
+            ident = self.template + TEMPLATE_DATE.isoformat()
         self.identity = hashlib.sha256(ident.encode()).hexdigest()[:16]
 
     def render(self, turns: Sequence[dict], add_generation_prompt: bool) -> str:

@@ -214,15 +214,20 @@ class HFEngine:
     def generate(self, reqs: Sequence[GenRequest], s: SamplingConfig) -> list[GenResult]:
         import torch
 
-        kw = dict(max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens or None,
+        from transformers import GenerationConfig
+
+        # a fresh GenerationConfig: exactly llavadi's sampling, none of the checkpoint's own defaults
+        # (Gemma3/Qwen2-VL ship do_sample=true, top_k, repetition_penalty … that vLLM does not apply)
+        gc = dict(max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens or None,
                   pad_token_id=self.adapter.pad_token_id, eos_token_id=sorted(self.eos))
+        if s.temperature == 0:
+            gc.update(do_sample=False)
+        else:
+            gc.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0))
+        kw = {"generation_config": GenerationConfig(**gc)}
         if s.stop:
             kw.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
         out: list[GenResult] = []
-        if s.temperature == 0:
-            kw.update(do_sample=False)
-        else:
-            kw.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None)
         with torch.inference_mode():
             for r in reqs:
                 torch.manual_seed(r.seed)
@@ -425,9 +430,14 @@ class VLLMTeacherForcer:
 
 
 def _final_norm(model):
-    lm = getattr(model, "language_model", model)
-    inner = getattr(lm, "model", lm)
-    return inner.norm
+    """The language model's final norm in vLLM's module tree, whatever the family nests it under
+    (``language_model.model.norm``, Idefics3's ``model.text_model.norm`` …): the shortest-named module
+    called ``norm`` outside the vision tower."""
+    found = [(n, m) for n, m in model.named_modules()
+             if n.split(".")[-1] == "norm" and not any(v in n for v in ("vision", "visual"))]
+    if not found:
+        raise RuntimeError("no final norm found in the vLLM model: cannot capture hidden states")
+    return min(found, key=lambda nm: (nm[0].count("."), nm[0]))[1]
 
 
 def _install_norm_hook(model):

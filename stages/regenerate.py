@@ -58,8 +58,7 @@ def teacher_preflight(cfg: LlavadiConfig, engine: str = "hf") -> list[str]:
     """Before any work: the teacher is a model directory of a supported family, its prompt format
     can be rendered, and (``engine="vllm"``) vLLM's build here serves that family."""
     from ..models import UnsupportedModel
-    from ..models.adapter import vllm_support
-    from ..models.prompts import PromptRenderer
+    from ..models.adapter import ModelAdapter, vllm_support
 
     t = cfg.teacher.model
     if not t:
@@ -67,10 +66,7 @@ def teacher_preflight(cfg: LlavadiConfig, engine: str = "hf") -> list[str]:
     if not os.path.isdir(t) or not os.path.exists(os.path.join(t, "config.json")):
         return [f"teacher.model {t} is not a model directory (no config.json)"]
     try:
-        from ..models import family_of, load_processor
-
-        fam = family_of(t)
-        PromptRenderer(load_processor(t), cfg.teacher.prompt_format, "<image>")
+        fam = ModelAdapter(t, cfg.teacher.prompt_format).family
     except UnsupportedModel as e:
         return [f"teacher.model: {e}"]
     except ValueError as e:
@@ -217,7 +213,7 @@ class RegenerateStage:
                 reqs.append(GenRequest(prompt, st["img"], request_seed(c.seed, row["id"], t)))
                 who.append(j)
             results = self._generate(engine, reqs, c.sampling, state, who)
-            cached["prompt_tokens"] += sum(r.cached_prompt_tokens for r in results)
+            cached["prompt_tokens"] += sum(r.cached_prompt_tokens for r in results if r is not None)
             for j, res in zip(who, results):
                 if res is None:  # this record failed in the engine (state[j]["fail"] says why)
                     continue

@@ -29,8 +29,13 @@ from families.mistral3 import build_mistral3
 BOS, EOS, INST, INST_END, IMG, IMG_BREAK, IMG_END = 1, 2, 3, 4, 10, 12, 13
 
 
+PINNED = datetime.datetime(2025, 1, 1)  # written here, not imported: the test's own expectation
+
+
 def _default_system() -> str:
-    today = datetime.date.today().strftime("%Y-%m-%d")
+    # llavadi renders date-printing templates with a fixed date (models.prompts.TEMPLATE_DATE): a prompt
+    # must not change between a run and its resume
+    today = "2025-01-01"
     return ("[SYSTEM_PROMPT]You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French "
             "startup headquartered in Paris.\nYour knowledge base was last updated on 2023-10-01. The current date is "
             + today + ".\n\nWhen you're not sure about some information, you say that you don't have the information "
@@ -194,7 +199,7 @@ def _reference(model, processor, turns, image):
     """Independent teacher forward of one sample from the processor's own outputs. Returns (inputs, answer
     positions (p - 1 for answer token p), answer ids, last hidden state [L, H], logits [L, V])."""
     inputs = processor.apply_chat_template(_messages(turns, image), tokenize=True, return_dict=True,
-                                           return_tensors="pt")
+                                           return_tensors="pt", strftime_now=lambda f: PINNED.strftime(f))
     with torch.no_grad():
         out = model(**inputs, output_hidden_states=True)
     ids = inputs["input_ids"][0].tolist()
@@ -352,7 +357,8 @@ def test_vllm_greedy_equals_hf(saved_student, loaded, tmp_path):
             im = Image.open(path).convert("RGB")  # what the script sends to vLLM
         # HF reference from the processor's own outputs
         inputs = ad.processor.apply_chat_template(_messages(turns, im), tokenize=True, return_dict=True,
-                                                  add_generation_prompt=True, return_tensors="pt")
+                                                  add_generation_prompt=True, return_tensors="pt",
+                                                  strftime_now=lambda f: PINNED.strftime(f))
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         hf.append(out[0, inputs["input_ids"].shape[1]:].tolist())

@@ -108,3 +108,21 @@ def test_unsupported_family_and_missing_template_are_refused_before_work(llava15
     (nt / "chat_template.json").unlink()
     probs = teacher_preflight(load_config({}, [f"teacher.model={nt}"]))
     assert probs and "prompt_format=llava_v1" in probs[0]
+
+
+def test_readme_family_table_matches_the_code():
+    """Every family llavadi supports has a row, and its vLLM column says what ``vllm_cpu`` says."""
+    import re
+    from pathlib import Path
+
+    from llavadi.models import FAMILIES
+
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    block = text[text.index("<!-- families:begin -->"): text.index("<!-- families:end -->")]
+    rows = {m.group(1): line for line in block.splitlines() if (m := re.match(r"\| `(\w+)` \|", line))}
+    types = {t for f in FAMILIES for t in f.model_types}
+    assert set(rows) == types
+    for f in FAMILIES:
+        for t in f.model_types:
+            last = rows[t].rstrip(" |").split("|")[-1].strip()
+            assert last.startswith("yes") == (f.vllm_cpu is None), t

@@ -85,7 +85,7 @@ def test_turn_two_is_conditioned_on_the_teachers_own_turn_one(ingested, tmp_path
     _, root = synth
     run = fresh(ingested, tmp_path)
     regen(run, tiny_teacher, "--engine", "hf", "regenerate.sampling.temperature=0")
-    multi = [r for r in rows(run) if len(r["conversations"]) >= 4 and r["image"]][:3]
+    multi = [r for r in rows(run) if len(r["conversations"]) >= 4 and r["image"]][:8]
     assert multi
     proc = AutoProcessor.from_pretrained(tiny_teacher)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
@@ -98,6 +98,7 @@ def test_turn_two_is_conditioned_on_the_teachers_own_turn_one(ingested, tmp_path
             out = model.generate(**inp, max_new_tokens=8, do_sample=False)
         return prompt, proc.tokenizer.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
+    discriminative = []
     for r in multi:
         img = Image.open(root / r["image"]).convert("RGB")
         conv, orig = r["conversations"], r["original_conversations"]
@@ -105,7 +106,10 @@ def test_turn_two_is_conditioned_on_the_teachers_own_turn_one(ingested, tmp_path
         assert conv[1]["value"] in prompt and f"ASSISTANT: {conv[1]['value']}</s>USER: {conv[2]['value']}" in prompt
         assert own == conv[3]["value"]
         _, with_original = greedy(orig[:3], img)
-        assert with_original != conv[3]["value"] or orig[1]["value"] == conv[1]["value"]
+        discriminative.append(with_original != conv[3]["value"] and orig[1]["value"] != conv[1]["value"])
+    # a random tiny teacher often repeats itself whatever the history: the check above only proves the
+    # conditioning where the original history gives a different answer — at least one row must
+    assert any(discriminative)
 
 
 def test_sigkill_mid_stage_then_rerun_is_identical_with_sampling(ingested, tmp_path, tiny_teacher):

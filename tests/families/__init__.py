@@ -50,3 +50,15 @@ def all_cases() -> dict:
     for m in pkgutil.iter_modules(__path__):
         cases.update(getattr(importlib.import_module(f"{__name__}.{m.name}"), "CASES", {}))
     return cases
+
+
+def raw_calls() -> dict:
+    """``{case: fn(processor, text, image) -> dict}``: how a family's processor is called directly
+    (without llavadi's family layer) where a plain ``processor(text=…, images=…)`` is not it."""
+    import importlib
+    import pkgutil
+
+    out = {}
+    for m in pkgutil.iter_modules(__path__):
+        out.update(getattr(importlib.import_module(f"{__name__}.{m.name}"), "RAW_CALLS", {}))
+    return out

@@ -220,3 +220,24 @@ def build_paligemma(out: Path | str, role: str = "teacher", seed: int = 0) -> Pa
 
 
 CASES = {"gemma3": build_gemma3, "paligemma": build_paligemma}
+
+
+def raw_paligemma_call(processor, text: str, image) -> dict:
+    """PaliGemma's processor called directly on a rendered conversation ``[<image>]<bos>q1\\nrest<eos>``:
+    ``processor(text="<image>" + q1, images=…, suffix=rest)`` (its own prefix/suffix layout, token types
+    0 on the prefix, 1 on the suffix); text-only rows, which the processor refuses, through its
+    tokenizer's pair call as the processor makes it."""
+    body = text[len("<image>"):] if text.startswith("<image>") else text
+    body = body[len("<bos>"):]
+    q1, rest = body.split("\n", 1)
+    assert rest.endswith("<eos>")
+    rest = rest[: -len("<eos>")]
+    if image is None:
+        return dict(processor.tokenizer(f"<bos>{q1}\n", f"{rest}<eos>", return_token_type_ids=True,
+                                        add_special_tokens=False, return_tensors="pt"))
+    out = dict(processor(text="<image>" + q1, images=image, suffix=rest, return_tensors="pt"))
+    out.pop("labels", None)
+    return out
+
+
+RAW_CALLS = {"paligemma": raw_paligemma_call}
