@@ -190,7 +190,8 @@ def bench_model(name: str, model_dir: Path, run: Path, image_root: Path, reps: i
     from llavadi.pipeline.config import load_config
     from llavadi.pipeline.rundir import StageDir
     from llavadi.pipeline.stage import ShardTask, StageContext
-    from llavadi.pipeline.teacher_engines import HFTeacherForcer, max_model_len, topk_from_hidden
+    from llavadi.models.engines.common import max_model_len
+    from llavadi.models.engines.forcing import HFTeacherForcer, topk_from_hidden
     from llavadi.stages.cache_teacher import STAGE, _score
 
     cfg = load_config({"teacher": {"model": str(model_dir)}, "ingest": {"image_root": str(image_root)},

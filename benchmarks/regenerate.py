@@ -21,7 +21,7 @@ is where the engines differ.
 
 What each side generates (both: exactly ``sum(L_i)`` answer tokens are returned and counted):
 
-- vLLM: ``llavadi.pipeline.teacher_engines.VLLMEngine`` constructs the engine with llavadi's own
+- vLLM: ``llavadi.models.engines.generate.VLLMEngine`` constructs the engine with llavadi's own
   settings (in-process; ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``VLLM_CPU_KVCACHE_SPACE=2``), in
   the modes of ``VLLM_MODES``: ``default`` (the headline: what ``llavadi regenerate`` runs with no
   teacher.* overrides; on CPU eager, prefix cache on in 32-token blocks), ``compiled``
@@ -156,7 +156,7 @@ class HFSide:
         import torch
 
         from llavadi.pipeline.config import TeacherConfig
-        from llavadi.pipeline.teacher_engines import HFEngine
+        from llavadi.models.engines.generate import HFEngine
 
         self.torch = torch
         t0 = time.perf_counter()
@@ -218,7 +218,8 @@ class VLLMSide:
         import torch
 
         from llavadi.pipeline.config import TeacherConfig
-        from llavadi.pipeline.teacher_engines import VLLMEngine, vllm_engine_kwargs
+        from llavadi.models.engines.common import vllm_engine_kwargs
+        from llavadi.models.engines.generate import VLLMEngine
 
         self.torch = torch
         teacher = TeacherConfig(model=model_dir, dtype="float32", **VLLM_MODES[mode])
@@ -448,7 +449,7 @@ def param_count(model_dir: Path) -> int:
     """Parameters in the teacher's safetensors, from the headers (no weights loaded)."""
     from safetensors import safe_open
 
-    from llavadi.pipeline.teacher_engines import safetensors_files
+    from llavadi.models.engines.common import safetensors_files
 
     n = 0
     for f in safetensors_files(model_dir):

@@ -4,7 +4,7 @@ Prompt rendering and answer spans live in ``models/`` (``models.prompts``, ``mod
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+
 
 def tokenizer_hash(tokenizer) -> str:
     """Identity of a vocabulary: token → id map plus special tokens."""

@@ -26,8 +26,8 @@ from ..pipeline import atomic
 from ..pipeline.config import LlavadiConfig
 from ..pipeline.stage import (ShardOutput, ShardTask, StageContext, engine_installed, plan_from_upstream,
                               teacher_resources)
-from ..pipeline.teacher_engines import (ForceRequest, ForceResult, HFTeacherForcer, make_forcer, max_model_len,
-                                        output_head, topk_from_hidden)
+from ..models.engines.common import max_model_len, output_head
+from ..models.engines.forcing import ForceRequest, ForceResult, HFTeacherForcer, make_forcer, topk_from_hidden
 from ..schemas.conversation import tokenizer_hash
 from ..schemas.samples import Reject, iter_samples
 from ..schemas.teacher_cache import CacheShardWriter, CacheSpec, write_index
@@ -198,7 +198,7 @@ class CacheTeacherStage:
 
     def finalize(self, ctx: StageContext) -> None:
         """``index.json`` (from the done markers) and ``teacher_head.safetensors``."""
-        from ..pipeline.teacher_engines import teacher_adapter
+        from ..models.engines.common import teacher_adapter
 
         sd = ctx.stage
         t = ctx.cfg.teacher
@@ -392,7 +392,7 @@ def verify_cache(run_dir: Path | str, cfg: LlavadiConfig, n: int, seed: int = 0)
 
     from ..pipeline.runner import StageError
     from ..pipeline.rundir import StageDir
-    from ..pipeline.teacher_engines import HFTeacherForcer
+    from ..models.engines.forcing import HFTeacherForcer
     from ..schemas.teacher_cache import CacheReader
 
     run_dir = Path(run_dir)

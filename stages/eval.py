@@ -254,7 +254,7 @@ def eval_prompt_format(cfg: LlavadiConfig) -> str:
 def generate_answers(model_dir: str, cfg: LlavadiConfig, qs: list[Question]) -> tuple[list[str], float]:
     """Greedy answers to ``qs`` (reference history before each turn) and the generate seconds."""
     from ..pipeline.config import SamplingConfig
-    from ..pipeline.teacher_engines import GenRequest, make_engine
+    from ..models.engines.generate import GenRequest, make_engine
     from .regenerate import load_image
 
     e = cfg.eval

@@ -41,8 +41,8 @@ from ..pipeline import atomic
 from ..pipeline.config import LlavadiConfig
 from ..pipeline.stage import (ShardOutput, ShardTask, StageContext, engine_installed, plan_from_upstream,
                               teacher_resources)
-from ..pipeline.teacher_engines import (GenRequest, make_engine, max_model_len, request_seed,
-                                        weights_identity)
+from ..models.engines.common import max_model_len, request_seed, weights_identity
+from ..models.engines.generate import GenRequest, make_engine
 from ..schemas.samples import SAMPLE_SCHEMA, TURN_TYPE, Reject, iter_samples, write_samples
 
 REGEN_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [

@@ -47,13 +47,13 @@ def _shard(run, stage):
 
 
 def test_regenerate_rejects_the_record_the_engine_fails_on(run_cfg, monkeypatch):
-    from llavadi.pipeline import teacher_engines
     from llavadi.pipeline.runner import run_stage
     from llavadi.stages import regenerate
 
     run, cfg = run_cfg
-    monkeypatch.setattr(teacher_engines.HFEngine, "generate",
-                        _poisoned(teacher_engines.HFEngine.generate, lambda r: r.prompt))
+    from llavadi.models.engines.generate import HFEngine
+
+    monkeypatch.setattr(HFEngine, "generate", _poisoned(HFEngine.generate, lambda r: r.prompt))
     run_stage(regenerate.STAGE, run, cfg, progress=False)
     counts, rejects = _shard(run, "regenerate")
     assert counts["in"] == 4 and counts["out"] == 3 and counts["rejected"] == {"model_error": 1}
@@ -62,14 +62,14 @@ def test_regenerate_rejects_the_record_the_engine_fails_on(run_cfg, monkeypatch)
 
 
 def test_cache_teacher_rejects_the_record_the_teacher_fails_on(run_cfg, monkeypatch):
-    from llavadi.pipeline import teacher_engines
     from llavadi.pipeline.runner import run_stage
     from llavadi.schemas.teacher_cache import CacheReader
     from llavadi.stages import cache_teacher
 
     run, cfg = run_cfg
-    monkeypatch.setattr(teacher_engines.HFTeacherForcer, "forward_hidden",
-                        _poisoned(teacher_engines.HFTeacherForcer.forward_hidden, lambda r: r.prompt))
+    from llavadi.models.engines.forcing import HFTeacherForcer
+
+    monkeypatch.setattr(HFTeacherForcer, "forward_hidden", _poisoned(HFTeacherForcer.forward_hidden, lambda r: r.prompt))
     run_stage(cache_teacher.STAGE, run, cfg, progress=False)
     counts, rejects = _shard(run, "cache_teacher")
     assert counts["in"] == 4 and counts["out"] == 3 and counts["rejected"] == {"model_error": 1}

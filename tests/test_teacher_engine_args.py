@@ -2,7 +2,7 @@
 real engines run in test_regenerate / test_cache_teacher)."""
 import pytest
 
-from llavadi.pipeline import teacher_engines as te
+from llavadi.models.engines import common as te
 from llavadi.pipeline.config import ConfigError, TeacherConfig, load_config
 
 
