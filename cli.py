@@ -242,6 +242,13 @@ def cache_teacher(common: Common,
     from .stages.cache_teacher import STAGE
 
     flags = _teacher_flags(teacher, "cache_teacher.engine", engine)
+    if common.dry_run:  # the resolved config, then the cache's size estimate as YAML comments
+        from .pipeline.estimate import dry_run_report
+
+        common.resolve(flags)  # prints the resolved config (exit 2 when it is invalid)
+        typer.echo(dry_run_report(common.run, resolve(common.run, common.config, common.run_flags() + flags,
+                                                      common.overrides)))
+        return
     if verify is not None:
         from .stages.cache_teacher import verify_cache
 

@@ -187,6 +187,10 @@ class CacheTeacherConfig:
     logprob_dtype: Literal["float32", "float16"] = "float32"  # top-k log-prob storage
     store: Literal["zarr", "webdataset"] = "zarr"  # zarr: a Zarr v3 directory per shard; webdataset: a tar per shard
     batch_size: int = 8  # conversations per forward pass (sorted by length within a window)
+    # rows whose answer tokens the size estimate counts (--dry-run, status, the launch's disk-space check):
+    # evenly spaced over the input, the rest extrapolated; 0 = every row (pipeline/estimate.py)
+    estimate_rows: int = 1000
+    ignore_space_check: bool = False  # launch even when the estimated cache exceeds the free disk space
 
     def validate(self) -> list[str]:
         p = []
@@ -194,6 +198,8 @@ class CacheTeacherConfig:
             p.append("cache_teacher.top_k must be >= 1")
         if self.batch_size < 1:
             p.append("cache_teacher.batch_size must be >= 1")
+        if self.estimate_rows < 0:
+            p.append("cache_teacher.estimate_rows must be >= 0 (0 = every row)")
         return p
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .estimate import render_lines, status_estimate
 from .rundir import STAGE_ORDER, StageDir
 
 
@@ -49,7 +50,11 @@ def collect(run_dir: Path | str) -> dict:
             "rejected_by_reason": dict(sorted(reasons.items())),
             "running": lock,
         }
-    return {"run_dir": str(run_dir), "stages": stages}
+    out = {"run_dir": str(run_dir), "stages": stages}
+    est = status_estimate(run_dir, bool(stages.get("cache_teacher", {}).get("complete")))
+    if est is not None:  # cache-teacher not finished: its expected size and the free space (issue #15)
+        out["cache_teacher_estimate"] = est
+    return out
 
 
 def _generation(sd: StageDir, shards: list[int]) -> dict:
@@ -135,4 +140,6 @@ def render(status: dict) -> str:
             lines.append(f"{name} rejects: " + ", ".join(f"{k}={v}" for k, v in s["rejected_by_reason"].items()))
     if not status["stages"]:
         lines.append("(no stage has run yet)")
+    if status.get("cache_teacher_estimate"):
+        lines += render_lines(status["cache_teacher_estimate"])
     return "\n".join(lines)

@@ -154,12 +154,28 @@ class CacheSpec:
         return cls(**{k: meta[k] for k in SPEC_KEYS})
 
 
+def token_array_bytes(spec: CacheSpec) -> dict[str, int]:
+    """Uncompressed bytes each per-token array of the table above takes per answer token, in its
+    storage dtype: ``token_ids`` 4, ``hidden`` H × (2 for float16/bfloat16, 1 for int8),
+    ``hidden_scale`` 4 (int8 only), ``topk_ids`` 4·k, ``topk_logprobs`` (4 or 2)·k, ``logit_stats`` 8."""
+    out = {"token_ids": 4, "hidden": spec.hidden_size * _HIDDEN_NP[spec.hidden_dtype].itemsize}
+    if spec.hidden_dtype == "int8":
+        out["hidden_scale"] = 4
+    out.update(topk_ids=4 * spec.top_k, topk_logprobs=_LOGPROB_NP[spec.logprob_dtype].itemsize * spec.top_k,
+               logit_stats=2 * 4)
+    return out
+
+
+def sample_array_bytes(sample_id: str) -> int:
+    """Uncompressed bytes of one sample's per-sample arrays: an ``offsets`` and a
+    ``sample_id_offsets`` entry (int64, 8 B each) plus the id's utf-8 bytes. A shard adds one more
+    entry to each offsets array (16 B)."""
+    return 16 + len(sample_id.encode("utf-8"))
+
+
 def bytes_per_token(spec: CacheSpec) -> float:
     """Theoretical uncompressed bytes per answer token (per-sample offsets/ids excluded)."""
-    hb = 2 if spec.hidden_dtype in ("float16", "bfloat16") else 1
-    scale = 4 if spec.hidden_dtype == "int8" else 0
-    lb = _LOGPROB_NP[spec.logprob_dtype].itemsize
-    return float(4 + spec.hidden_size * hb + scale + spec.top_k * (4 + lb) + 2 * 4)
+    return float(sum(token_array_bytes(spec).values()))
 
 
 # --------------------------------------------------------------------------------- quantisation

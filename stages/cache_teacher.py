@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 from ..pipeline import atomic
 from ..pipeline.config import LlavadiConfig
+from ..pipeline.estimate import space_problems
 from ..pipeline.stage import (ShardOutput, ShardTask, StageContext, engine_installed, plan_from_upstream,
                               teacher_resources)
 from ..models.engines.common import max_model_len, output_head
@@ -63,12 +64,16 @@ class CacheTeacherStage:
         return "zarr" if cfg.cache_teacher.store == "zarr" else "tar"
 
     def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
+        # the disk-space check (pipeline/estimate.py) only once the teacher is known to load
         return (engine_installed(cfg.cache_teacher.engine, "cache_teacher.engine")
-                or teacher_preflight(cfg, cfg.cache_teacher.engine))
+                or teacher_preflight(cfg, cfg.cache_teacher.engine)
+                or space_problems(run_dir, cfg))
 
     def material(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
         c = asdict(cfg.cache_teacher)
         c.pop("batch_size")  # batching does not change the cached values beyond float noise
+        for k in ("estimate_rows", "ignore_space_check"):  # the pre-launch size check, not the output
+            c.pop(k)
         return {"cache_teacher": c, "teacher_identity": teacher_identity(cfg), "teacher_dtype": cfg.teacher.dtype,
                 "image_root": cfg.ingest.image_root}
 
