@@ -3,13 +3,13 @@ the two things every stage asks of it — where the answer tokens of a conversat
 forward inputs of a sample.
 
 Answer tokens (what cache-teacher caches and train-student trains on) are each assistant text plus
-the end-of-turn token the prompt format emits: the tokens that the rendered conversation through answer t and the
-whole conversation share after the rendered prompt of turn t (whose ids must be a prefix of both),
-cut after the first stop token (``eos_token_id`` of ``generation_config.json`` and the tokenizer:
-``</s>``, ``<|im_end|>``, ``<end_of_turn>`` …) — a template's text after it (a newline) is not
-something the model generates. They are found on the text's own tokens, then moved past the image
-expansion read off the processor's output for that very image (anyres, dynamic resolution): the
-number of image tokens is never assumed.
+the end-of-turn token the prompt format emits: the tokens that the rendered conversation through
+answer t and the whole conversation share after the rendered prompt of turn t (whose ids must be a
+prefix of both), cut after the first stop token (``eos_token_id`` of ``generation_config.json`` and
+the tokenizer: ``</s>``, ``<|im_end|>``, ``<end_of_turn>`` …) — a template's text after it (a
+newline) is not something the model generates. They are found on the text's own tokens, then moved
+past the image expansion read off the processor's output for that very image (anyres, dynamic
+resolution): the number of image tokens is never assumed.
 """
 from __future__ import annotations
 
@@ -91,12 +91,18 @@ class ModelAdapter:
         self.stop_ids = stop_token_ids(model_dir, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+        # special-token strings a tokenizer parses as control tokens wherever they stand in a text
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        self.special_strings = sorted({t for t in self.tokenizer.all_special_tokens if t}
+                                      | {t.content for t in added.values() if getattr(t, "special", False) and t.content})
 
     # ------------------------------------------------------------------ prompts
 
     def prompt(self, turns: Sequence[dict], has_image: bool) -> str:
         """Text that prompts the next assistant answer after ``turns`` (ending with a human turn)."""
-        return self.renderer.render(place_image(turns, has_image), add_generation_prompt=True)
+        turns = place_image(turns, has_image)
+        self._check_special_strings(turns)
+        return self.renderer.render(turns, add_generation_prompt=True)
 
     def conversation(self, turns: Sequence[dict], has_image: bool) -> TextConversation:
         """Render + tokenise a whole conversation and locate its answers (module doc). Raises
@@ -104,6 +110,7 @@ class ModelAdapter:
         from ..schemas.samples import Reject
 
         turns = place_image(turns, has_image)
+        self._check_special_strings(turns)
         sys_turn, body = split_system(turns)
         head = turns[: len(turns) - len(body)]
         ids = lambda text: self.family.text_ids(self.processor, text)  # noqa: E731
@@ -133,6 +140,53 @@ class ModelAdapter:
             spans.append((len(p), end))
         return TextConversation(full_text, full, spans)
 
+    def _check_special_strings(self, turns: Sequence[dict]) -> None:
+        """A turn whose text holds a special-token string (``</s>``, ``<|im_end|>``, ``[IMG]`` …) would be
+        tokenised as that control token — an answer cut at a literal ``</s>``, a second image: rejected
+        (``special_token_in_text``), never silently truncated. The leading ``<image>`` of the image
+        rule is the placeholder, not text."""
+        from ..schemas.samples import Reject
+        from .prompts import IMAGE
+
+        for i, t in enumerate(turns):
+            text = t["value"]
+            if text.startswith(IMAGE):
+                text = text[len(IMAGE):]
+            hit = next((sp for sp in self.special_strings if sp in text), None)
+            if hit is not None:
+                raise Reject("special_token_in_text", f"turn {i} ({t['from']}) contains {hit!r}, a special token of "
+                                                      f"this tokenizer: it would be read as a control token")
+
+    def format_problems(self) -> tuple[list[str], list[str]]:
+        """(refusals, warnings) for this prompt format, probed on a one-turn conversation before any work:
+        refused when an image row cannot be encoded (a template that drops the image, a format the
+        family's layout cannot take); warned when answers end in no stop token (the student would not
+        learn to stop: llava-1.5-hf's own template ends answers with a space)."""
+        from PIL import Image
+
+        from ..schemas.samples import Reject
+
+        turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A test."}]
+        refuse, warn = [], []
+        try:
+            conv = self.conversation(turns, True)
+            enc = self.encode(conv, Image.new("RGB", (64, 64), (128, 128, 128)))  # raises for a layout it cannot take
+            placeholder = self.family.placeholder(self.processor)
+            if placeholder not in conv.text:
+                raise Reject("image_placement", f"the rendered prompt holds no image placeholder ({placeholder!r})")
+            del enc
+        except Reject as r:
+            refuse.append(f"prompt_format={self.prompt_format!r} cannot show an image to this {self.family.name} "
+                          f"model ({r.reason}: {r.detail}); use prompt_format=auto or a template that renders "
+                          f"{{'type': 'image'}} content")
+            return refuse, warn
+        if conv.ids[conv.spans[0][1] - 1] not in self.stop_ids:
+            warn.append(f"prompt_format={self.prompt_format!r} ends answers with no stop token "
+                        f"({sorted(self.stop_ids)}): answer tokens carry no end of turn, so a student will not "
+                        f"learn to stop (llava-1.5-hf's published template does this; prompt_format=llava_v1 "
+                        f"is what LLaVA-1.5 trained on)")
+        return refuse, warn
+
     # ------------------------------------------------------------------ forward inputs
 
     def processor_outputs(self, text: str, image) -> dict:
@@ -141,6 +195,8 @@ class ModelAdapter:
 
         try:
             return self.family.processor_call(self.processor, text, image)
+        except Reject:  # the family's own reason
+            raise
         except Exception as e:  # a record the processor cannot take is that record's problem
             raise Reject("processor_error", f"{type(e).__name__}: {e}"[:500]) from None
 

@@ -34,7 +34,27 @@ patch-merger projector + Mistral LM.
 """
 from .base import Family
 
-MISTRAL3 = Family(
+
+class Mistral3Family(Family):
+    """``Family`` that refuses an image Pixtral expands into a single ``[IMG]`` token (an image of at most
+    one merged patch, e.g. ≤ 28 px on the published checkpoint): transformers 5.19's
+    ``Mistral3Model.get_image_features`` squeezes that one-token feature map to a vector and fails
+    (``split_with_sizes``) — alone in a batch only, so it would pass cache-teacher beside larger images
+    and crash train-student later. Rejected everywhere instead (``image_too_small``)."""
+
+    def processor_call(self, processor, text: str, image) -> dict:
+        from ..schemas.samples import Reject
+
+        out = super().processor_call(processor, text, image)
+        if image is not None:
+            img_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+            if int((out["input_ids"] == img_id).sum()) == 1:
+                raise Reject("image_too_small", f"a {image.size[0]}x{image.size[1]} image expands into one "
+                                                f"[IMG] token, which transformers' Pixtral forward cannot take")
+        return out
+
+
+MISTRAL3 = Mistral3Family(
     name="mistral3",
     model_types=("mistral3",),
     forward_keys=("pixel_values", "image_sizes"),

@@ -28,6 +28,7 @@ import hashlib
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,22 +252,58 @@ def eval_prompt_format(cfg: LlavadiConfig) -> str:
     return cfg.eval.prompt_format or cfg.train_student.prompt_format
 
 
-def generate_answers(model_dir: str, cfg: LlavadiConfig, qs: list[Question]) -> tuple[list[str], float]:
-    """Greedy answers to ``qs`` (reference history before each turn) and the generate seconds."""
-    from ..pipeline.config import SamplingConfig
+def generate_answers(model_dir: str, cfg: LlavadiConfig, qs: list[Question]
+                     ) -> tuple[list[Question], list[str], float, list[dict]]:
+    """Greedy answers to ``qs`` (reference history before each turn): (the questions answered, their
+    answers, generate seconds, rejects). A question the model cannot take — its prompt, image or
+    processor (``image_placement``, ``special_token_in_text``, ``processor_error``, ``image_error``) or the
+    engine on that question alone (``model_error``) — is a reject; the others are answered."""
     from ..models.engines.generate import GenRequest, make_engine
+    from ..pipeline.config import SamplingConfig
+    from ..schemas.samples import Reject
     from .regenerate import load_image
 
     e = cfg.eval
     root = data_image_root(cfg)
     engine = make_engine(e.engine, TeacherConfig(model=model_dir, prompt_format=eval_prompt_format(cfg)))
-    reqs = [GenRequest(engine.adapter.prompt(q.history, q.image is not None),
-                       load_image(root, q.image) if q.image else None, 0) for q in qs]
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=e.max_new_tokens)
+    rejects: list[dict] = []
+
+    def reject(q: Question, reason: str, detail: str) -> None:
+        rejects.append({"id": q.id, "question_id": q.question_id, "reason": reason, "detail": detail[:500]})
+
+    kept, reqs = [], []
+    for q in qs:
+        try:
+            image = None
+            if q.image:
+                try:
+                    image = load_image(root, q.image)
+                except Exception as ex:  # noqa: BLE001
+                    raise Reject("image_error", f"{q.image}: {type(ex).__name__}: {ex}") from None
+            prompt = engine.adapter.prompt(q.history, image is not None)
+            engine.adapter.prompt_inputs(prompt, image)  # the processor takes it (else processor_error)
+        except Reject as r:
+            reject(q, r.reason, r.detail)
+            continue
+        kept.append(q)
+        reqs.append(GenRequest(prompt, image, 0))
     t0 = time.time()
-    res = engine.generate(reqs, SamplingConfig(temperature=0.0, max_new_tokens=e.max_new_tokens))
+    try:
+        res = engine.generate(reqs, sampling) if reqs else []
+    except Exception:  # noqa: BLE001 - find the question(s) the engine cannot take
+        res = []
+        for q, r in zip(list(kept), reqs):
+            try:
+                res.append(engine.generate([r], sampling)[0])
+            except Exception as ex:  # noqa: BLE001
+                reject(q, "model_error", f"{type(ex).__name__}: {ex}")
+                res.append(None)
+        kept = [q for q, r in zip(kept, res) if r is not None]
+        res = [r for r in res if r is not None]
     secs = time.time() - t0
     preds = [engine.tokenizer.decode(r.token_ids, skip_special_tokens=True).strip() for r in res]
-    return preds, secs
+    return kept, preds, secs, rejects
 
 
 def score_answers(qs: list[Question], preds: list[str]) -> dict:
@@ -403,7 +440,14 @@ def evaluate(run_dir: Path | str, cfg: LlavadiConfig, model_dir: str, name: Opti
         files["cache_rejects"].unlink(missing_ok=True)
 
     if cfg.eval.data:
-        preds, secs = generate_answers(model_dir, cfg, qs)
+        qs, preds, secs, model_rejects = generate_answers(model_dir, cfg, qs)
+        if model_rejects:
+            rejects += model_rejects
+            atomic.write_jsonl(files["rejects"], rejects)
+        if not qs:
+            raise EvalError(f"eval: no question in {cfg.eval.data} could be answered: {len(rejects)} rejected "
+                            f"({', '.join(f'{k} {v}' for k, v in _reason_counts(rejects).items())}); "
+                            f"see {files['rejects']}")
         atomic.write_jsonl(files["answers"], answers_file_rows(qs, preds, name))
         a = {"data": str(cfg.eval.data), "image_root": root, **score_answers(qs, preds),
              "rejected": len(rejects), "rejects": _reason_counts(rejects), "rejects_file": str(files["rejects"]),
@@ -461,6 +505,23 @@ def preflight(cfg: LlavadiConfig, model_dir: Optional[str]) -> list[str]:
     p = []
     if not model_dir or not os.path.exists(os.path.join(model_dir, "config.json")):
         p.append(f"--model {model_dir!r} is not a model directory (save_pretrained, with its processor)")
+    else:
+        from ..models import UnsupportedModel
+        from ..models.adapter import ModelAdapter
+
+        from ..models.adapter import vllm_support
+
+        try:
+            refuse, warn = ModelAdapter(model_dir, eval_prompt_format(cfg)).format_problems()
+            p += [f"eval.{r}" for r in refuse]
+            for w in warn:
+                print(f"[llavadi] warning: eval.{w}", file=sys.stderr)
+            if cfg.eval.engine == "vllm" and (why := vllm_support(model_dir)):
+                p.append(f"--model cannot run on vLLM here: {why}; use --engine hf")
+        except UnsupportedModel as e:
+            p.append(f"--model: {e}")
+        except ValueError as e:
+            p.append(f"eval.prompt_format: {e}")
     if not cfg.eval.data and not cfg.eval.cache:
         p.append("nothing to evaluate: pass --data FILE (held-out questions) and/or --cache DIR (a held-out teacher cache)")
     if cfg.eval.data:

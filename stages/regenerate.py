@@ -66,11 +66,17 @@ def teacher_preflight(cfg: LlavadiConfig, engine: str = "hf") -> list[str]:
     if not os.path.isdir(t) or not os.path.exists(os.path.join(t, "config.json")):
         return [f"teacher.model {t} is not a model directory (no config.json)"]
     try:
-        fam = ModelAdapter(t, cfg.teacher.prompt_format).family
+        adapter = ModelAdapter(t, cfg.teacher.prompt_format)
+        fam = adapter.family
+        refuse, warn = adapter.format_problems()
     except UnsupportedModel as e:
         return [f"teacher.model: {e}"]
     except ValueError as e:
         return [f"teacher.prompt_format: {e}"]
+    for w in warn:
+        print(f"[llavadi] warning: teacher.{w}", file=sys.stderr)
+    if refuse:
+        return [f"teacher.{r}" for r in refuse]
     if engine == "vllm" and (why := vllm_support(t)):
         return [f"the teacher's family ({fam.name}) cannot run on vLLM here: {why}; use the HF engine "
                 f"(regenerate.engine=hf / cache_teacher.engine=hf)"]
@@ -221,6 +227,8 @@ class RegenerateStage:
                 conv = row["conversations"]
                 text = tok.decode(res.token_ids, skip_special_tokens=True)
                 reason = res.finish_reason
+                if reason == "length":  # cut inside a multi-byte character (byte-level BPE): drop its bytes
+                    text = text.rstrip("\ufffd")
                 for s in c.sampling.stop:
                     if s in text:
                         text, reason = text[: text.index(s)], "stop"

@@ -69,7 +69,7 @@ def stub_answers(monkeypatch):
 
     def fake(model_dir, cfg, qs):
         asked.extend(qs)
-        return ["Red."] * len(qs), 0.0
+        return qs, ["Red."] * len(qs), 0.0, []
 
     monkeypatch.setattr(ev, "generate_answers", fake)
     return asked
@@ -157,7 +157,7 @@ def test_llava_question_file(tmp_path, synth, stub_answers):
     assert len((run / "eval" / "m2.answers.jsonl").read_text().splitlines()) == 2
 
 
-def test_all_bad_file_refused_with_reasons(tmp_path, synth, stub_answers):
+def test_all_bad_file_refused_with_reasons(tmp_path, synth, stub_answers, tiny_teacher):
     from typer.testing import CliRunner
 
     from llavadi.cli import app
@@ -178,9 +178,7 @@ def test_all_bad_file_refused_with_reasons(tmp_path, synth, stub_answers):
     assert not stub_answers and not (tmp_path / "run" / "eval" / "m.json").exists()
     assert len((tmp_path / "run" / "eval" / "m.rejects.jsonl").read_text().splitlines()) == 4
 
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = tiny_teacher  # a real model: eval's preflight refuses a directory of no supported family
     # a LLaVA conversation file with no record at all: also refused, not "accuracy 0.0"
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
@@ -280,3 +278,29 @@ def test_data_alone_cli_readme_example_and_cache_alone_perplexity(tmp_path, tiny
 def test_eval_refuses_without_inputs(tmp_path, tiny_teacher):
     p = cli("eval", tmp_path / "r", "--model", tiny_teacher, check=False)
     assert p.returncode == 2 and "nothing to evaluate" in p.stderr
+
+
+def test_a_question_the_model_cannot_take_is_a_reject_the_rest_answered(tmp_path, tiny_teacher, monkeypatch):
+    """One question the engine fails on (model_error) and one whose text holds the tokenizer's own
+    '</s>' (special_token_in_text) are rejected with their ids; the other two are answered and scored."""
+    from llavadi.models.engines.generate import HFEngine
+
+    real = HFEngine.generate
+
+    def poisoned(self, reqs, s):
+        if any("POISON" in r.prompt for r in reqs):
+            raise RuntimeError("cannot take the poisoned question")
+        return real(self, reqs, s)
+
+    monkeypatch.setattr(HFEngine, "generate", poisoned)
+    held = tmp_path / "held.json"
+    qa = lambda i, q: {"id": i, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "x"}]}  # noqa: E731
+    held.write_text(json.dumps([qa("ok1", "Say x."), qa("bad", "POISON x."), qa("lit", "Is </s> a token?"),
+                                qa("ok2", "Say x again.")]))
+    cfg = _cfg(data=held, max_new_tokens=2)
+    cfg.ingest.image_root = str(tmp_path)
+    res = ev.evaluate(tmp_path / "run", cfg, str(tiny_teacher), name="t")
+    a = res["answers"]
+    assert a["questions"] == 2 and a["scored"] == 2 and a["rejects"] == {"model_error": 1, "special_token_in_text": 1}
+    rej = [json.loads(x) for x in (tmp_path / "run" / "eval" / "t.rejects.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["reason"]) for r in rej) == [("bad", "model_error"), ("lit", "special_token_in_text")]

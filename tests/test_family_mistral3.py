@@ -374,3 +374,27 @@ def test_vllm_greedy_equals_hf(saved_student, loaded, tmp_path):
     assert p.returncode == 0 and line, p.stderr[-3000:]
     assert json.loads(line[0][len("RESULT "):]) == hf
     assert hf[0] != hf[1]
+
+
+def test_an_image_of_one_pixtral_token_is_rejected_not_crashing_later(dirs):
+    """transformers' Pixtral forward fails on an image that expands into one [IMG] token when it is alone
+    in a batch (it passes beside larger images): refused for every stage (image_too_small)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from llavadi.models.adapter import ModelAdapter
+    from llavadi.schemas.samples import Reject
+
+    ad = ModelAdapter(dirs["teacher"])
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A dot."}]
+    conv = ad.conversation(turns, True)
+    tiny = Image.new("RGB", (20, 20), (200, 10, 10))
+    # the fault the reject stands for: the model's own forward on the processor's output fails
+    raw = ad.processor(text=[conv.text], images=[tiny], return_tensors="pt", add_special_tokens=False)
+    model = AutoModelForImageTextToText.from_pretrained(dirs["teacher"], dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="split"):
+        model(**raw)
+    with pytest.raises(Reject) as e:
+        ad.encode(conv, tiny)
+    assert e.value.reason == "image_too_small"
+    assert ad.encode(conv, _image((50, 50), 1)).ids  # a 2×2-token image is fine

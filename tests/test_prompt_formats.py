@@ -126,3 +126,32 @@ def test_readme_family_table_matches_the_code():
         for t in f.model_types:
             last = rows[t].rstrip(" |").split("|")[-1].strip()
             assert last.startswith("yes") == (f.vllm_cpu is None), t
+
+
+def test_a_literal_special_token_in_a_turn_is_rejected_not_truncated(llava15):
+    """'</s>' inside an answer would be read as the end of the answer (the rest silently dropped)."""
+    from llavadi.models.adapter import ModelAdapter
+    from llavadi.schemas.samples import Reject
+
+    ad = ModelAdapter(llava15, "llava_v1")
+    for turns in ([{"from": "human", "value": "Edit it."}, {"from": "gpt", "value": "Use <s>old</s> text."}],
+                  [{"from": "human", "value": "Say <pad> twice."}, {"from": "gpt", "value": "No."}]):
+        with pytest.raises(Reject) as e:
+            ad.conversation(turns, False)
+        assert e.value.reason == "special_token_in_text"
+    # the leading <image> placeholder of the image rule is not text
+    assert ad.conversation([{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Yo."}], True).spans
+
+
+def test_format_problems_refuse_a_template_without_the_image_and_warn_on_no_stop(llava15, tmp_path):
+    from llavadi.models.adapter import ModelAdapter
+
+    assert ModelAdapter(llava15, "llava_v1").format_problems() == ([], [])
+    refuse, warn = ModelAdapter(llava15, "auto").format_problems()  # llava-1.5-hf: answers end with ' '
+    assert not refuse and "no stop token" in warn[0]
+    text_only = tmp_path / "text_only.jinja"  # a text-only LLM's template: image items never rendered
+    text_only.write_text("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+                         "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    refuse, _ = ModelAdapter(llava15, str(text_only)).format_problems()
+    assert refuse and "cannot show an image" in refuse[0]
