@@ -5,7 +5,8 @@ A ``Family`` says, for one transformers ``model_type``:
 - how one image looks in a rendered prompt (``placeholder``: unexpanded, as the chat template writes it)
   and how the processor is called for one sample (``processor_call``);
 - which processor outputs the forward needs (``forward_keys``); the rest are dropped;
-- the parameter groups ``freeze_*`` act on (``groups``: regexes over ``named_parameters`` names);
+- the parameter groups ``freeze_*`` act on (``groups``: regexes over ``named_parameters`` names), and the
+  language-model layers LoRA adapts by default (``lora_targets``, kept inside the "lm" group: ``lora_modules``);
 - the save layout both transformers and vLLM load (``save``), and whether vLLM's CPU build serves it
   (``vllm_cpu`` / ``vllm_gpu``: None, or the reason it cannot);
 - the prompt ``prompt_format=auto`` falls back to when a checkpoint ships no chat template
@@ -38,6 +39,9 @@ class Family:
     images_arg: str = "flat"
     # the vision tower's keys vLLM wants renamed on save: (prefix, insert) e.g. ("vision_tower.", "vision_model.")
     vllm_rename: Optional[tuple[str, str]] = None
+    # LoRA's default targets (train_student.lora.target_modules=null): leaf names of the language model's
+    # attention and MLP projections; only modules inside the "lm" group are adapted (``lora_modules``)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     # ------------------------------------------------------------------ prompts and processor calls
 
@@ -82,6 +86,30 @@ class Family:
             raise ValueError(f"the {group!r} parameter group ({pat!r}) matches no parameter of this "
                              f"{self.name} model: the checkpoint's layout is not the one llavadi knows")
         return names
+
+    def lora_modules(self, model, targets: Optional[Sequence[str]] = None) -> list[str]:
+        """Names (``named_modules``) of the modules of ``model`` LoRA adapts: leaf name in ``targets``
+        (None: ``lora_targets``), every parameter in the "lm" group and in no "vision"/"projector" group — a
+        vision tower's ``q_proj``/``gate_proj`` (Pixtral, Qwen2.5-VL, SigLIP) is never adapted. Raises
+        ``ValueError`` naming the LM's linear layers when a target matches none of them."""
+        targets = tuple(targets or self.lora_targets)
+        lm = re.compile(self.groups["lm"])
+        others = [re.compile(p) for g, p in self.groups.items() if g != "lm"]
+        out, linear = [], set()
+        for name, mod in model.named_modules():
+            params = [f"{name}.{p}" for p, _ in mod.named_parameters()]
+            if not params or not all(lm.search(p) and not any(o.search(p) for o in others) for p in params):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if type(mod).__name__ == "Linear":
+                linear.add(leaf)
+            if leaf in targets:
+                out.append(name)
+        missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n in out)]
+        if missing:
+            raise ValueError(f"LoRA target module(s) {missing} match no module of this {self.name} model's language "
+                             f"model; its linear layers are named {sorted(linear)}")
+        return out
 
     # ------------------------------------------------------------------ save layout
 

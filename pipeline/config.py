@@ -233,6 +233,37 @@ class FeatureConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters on the student's language model (PEFT; Hu et al. 2021): the LM's base weights are
+    frozen, each adapted linear layer W gets W + (alpha / rank) · B·A. The final student is saved merged."""
+
+    enabled: bool = False  # train LoRA adapters instead of the LM's weights (the LM's base weights stay frozen whatever freeze_lm says)
+    rank: int = 16  # r: inner dimension of each adapter's A [r, in] and B [out, r]
+    alpha: float = 32.0  # scaling numerator: the update is (alpha / rank) · B·A (Hu et al. 2021, §4.1)
+    dropout: float = 0.05  # dropout on the adapter's input during training
+    # leaf names of the language model's linear layers to adapt (modules of the vision tower or projector with
+    # the same names are never adapted); null = the model family's default (models/: attention + MLP projections)
+    target_modules: Optional[list[str]] = None
+
+    def validate(self) -> list[str]:
+        import re
+
+        p = []
+        if self.rank < 1:
+            p.append("train_student.lora.rank must be >= 1")
+        if not self.alpha > 0:
+            p.append("train_student.lora.alpha must be > 0")
+        if not 0 <= self.dropout < 1:
+            p.append("train_student.lora.dropout must be in [0, 1)")
+        if self.target_modules is not None:
+            bad = [t for t in self.target_modules if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(t))]
+            if not self.target_modules or bad:
+                p.append(f"train_student.lora.target_modules: a non-empty list of module leaf names such as q_proj "
+                         f"(no dots, no regex), or null for the family's default; got {self.target_modules!r}")
+        return p
+
+
+@dataclass
 class TrainStudentConfig:
     """``llavadi train-student``. Defaults = the study's final recipe (preset ``llavadi``):
     CE + forward KL + MSE, weights 1, T = 1, lr 2e-5 cosine, warmup 3%, 1 epoch, vision frozen."""
@@ -244,6 +275,7 @@ class TrainStudentConfig:
     feature_weight: float = 1.0  # hidden-state feature loss (train_student.feature)
     kd: KDConfig = field(default_factory=KDConfig)
     feature: FeatureConfig = field(default_factory=FeatureConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     lr: float = 2e-5  # peak AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # learning rate after the warmup
@@ -273,7 +305,7 @@ class TrainStudentConfig:
     log_sample_ids: bool = False  # each rank logs the ids of its samples per step (audit of DDP sharding)
 
     def validate(self) -> list[str]:
-        p = self.kd.validate() + prompt_format_problems("train_student.prompt_format", self.prompt_format)
+        p = self.kd.validate() + self.lora.validate() + prompt_format_problems("train_student.prompt_format", self.prompt_format)
         if self.lr <= 0:
             p.append("train_student.lr must be > 0")
         if not 0 <= self.warmup_ratio < 1:

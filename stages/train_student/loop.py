@@ -12,7 +12,8 @@ The student computes logits only at answer positions: ``lm_head(h[rows])``.
 Run dir: ``train_student/checkpoints/step_NNNNNN/`` (``save_pretrained`` student + processor,
 ``trainer_state.json``, ``training_state.pt`` with optimizer, scheduler, projector, RNG),
 ``metrics.jsonl``, ``tensorboard/``, ``rejects.jsonl``, ``_stage.json``, ``_lock.json``.
-The same command resumes from the newest checkpoint exactly.
+The same command resumes from the newest checkpoint exactly. With ``train_student.lora`` the
+checkpoints hold the adapter instead of the student, the last one also the merged student (``lora.py``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from ...pipeline.rundir import StageDir
 from ...pipeline.runner import StageError, write_run_config
 from ...schemas.conversation import tokenizer_hash
 from ...schemas.teacher_cache import CacheReader
-from . import losses
+from . import lora, losses
 from .data import StepDataset, load_adapter, stream_samples, student_tokens
 
 STAGE_DIR = "train_student"
@@ -100,6 +101,8 @@ def material(cfg: LlavadiConfig) -> dict:
     for k in ("num_workers", "save_every_steps", "keep_checkpoints", "log_every_steps", "log_sample_ids",
               "cache_from", "nonfinite"):
         c.pop(k)  # how it runs, not what it computes (a pulled cache is checked by its own fingerprint)
+    if not c["lora"]["enabled"]:
+        c.pop("lora")  # LoRA off: the fingerprints of runs from before the lora keys existed stay valid
     return {"train_student": c, "student_dir": os.path.abspath(cfg.train_student.student or ""),
             "image_root": cfg.ingest.image_root}
 
@@ -168,7 +171,7 @@ def student_problems(c) -> list[str]:
         frozen_parameters(model, family_of(c.student), c)
     except ValueError as e:
         return [f"train_student.freeze_*: {e}"]
-    return []
+    return lora.problems(model, family_of(c.student), c)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
@@ -305,7 +308,10 @@ def save_checkpoint(out: Path, student, adapter, projector, opt, sched, state: d
     tmp = atomic.tmp_name(final)
     if tmp.exists():
         shutil.rmtree(tmp)
-    adapter.family.save(student, adapter.processor, tmp)  # the layout transformers and vLLM both load
+    if hasattr(student, "peft_config"):  # LoRA (stages/train_student/lora.py): adapter; merged student at the end
+        lora.save(student, adapter, tmp, merged=state["global_step"] >= state["total_steps"])
+    else:
+        adapter.family.save(student, adapter.processor, tmp)  # the layout transformers and vLLM both load
     for extra in ("generation_config.json", "chat_template.json", "chat_template.jinja"):
         # as the student shipped them (the template file a processor saves may have another name)
         src_file = Path(adapter.model_dir) / extra
@@ -314,7 +320,10 @@ def save_checkpoint(out: Path, student, adapter, projector, opt, sched, state: d
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "projector": projector.state_dict(),
                 "rng_torch": torch.get_rng_state()}, tmp / "training_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    for p in tmp.iterdir():
+    for p in tmp.rglob("*"):  # files of subdirectories too (LoRA's adapter/)
+        if p.is_dir():
+            atomic.fsync_dir(p)
+            continue
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     if final.exists():
@@ -402,7 +411,7 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
 
     ckpt_dir = sd.path / "checkpoints"
     resume = latest_checkpoint(ckpt_dir)
-    src = str(resume) if resume else c.student
+    src = str(resume) if resume and not c.lora.enabled else c.student  # LoRA: base student + the checkpoint's adapter
     torch.manual_seed(c.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     use_bf16 = c.precision == "bf16" or (c.precision == "auto" and device == "cuda")
@@ -435,6 +444,8 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
     frozen = frozen_parameters(student, adapter.family, c)
     for name, p in student.named_parameters():
         p.requires_grad_(name not in frozen)
+    # LoRA: adapters injected into `student` in place (+ loaded from `resume`); the LM's base weights frozen
+    peft_model = lora.wrap(student, adapter.family, c, frozen, resume) if c.lora.enabled else None
     head_t = None
     if c.kd.exact:
         from safetensors.torch import load_file
@@ -487,8 +498,10 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
         ds = StepDataset(run_dir, st, cfg.ingest.image_root, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
                          rank=rank, world=world, seed=c.seed, epoch=state["epoch"], shuffle_buffer=c.shuffle_buffer,
                          start_step=state["step_in_epoch"], max_steps=steps_per_epoch)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=c.num_workers,
-                                             persistent_workers=False)
+        # its own generator: each new iterator draws a base seed, which from the global RNG would shift every later
+        # dropout mask (LoRA's) on resume — a relaunch makes one more iterator than the uninterrupted run
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=c.num_workers, persistent_workers=False,
+                                             generator=torch.Generator().manual_seed(c.seed * 1000003 + state["epoch"]))
         stepped = False
         for item in loader:
             if state["global_step"] >= total_steps:
@@ -550,7 +563,8 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
             last = state["global_step"] == total_steps
             if state["global_step"] % c.save_every_steps == 0 or last:
                 if rank == 0:
-                    save_checkpoint(ckpt_dir, student, adapter, projector, opt, sched, dict(state), c.keep_checkpoints)
+                    save_checkpoint(ckpt_dir, student if peft_model is None else peft_model, adapter, projector, opt,
+                                    sched, dict(state), c.keep_checkpoints)
                 if world > 1:
                     dist.barrier()
         if state["global_step"] < total_steps:
