@@ -119,7 +119,7 @@ def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[st
                  f"run `llavadi cache-teacher {run_dir}` first")
     if not c.student or not os.path.exists(os.path.join(c.student, "config.json")):
         p.append(f"train_student.student={c.student!r} is not a model directory: pass --student DIR "
-                 f"(a save_pretrained LLaVA-style model with its processor)")
+                 f"(a save_pretrained model of a supported family, with its processor)")
     if p:
         return p, up_fp
     p += student_problems(c)
@@ -160,11 +160,15 @@ def student_problems(c) -> list[str]:
     from ...models import UnsupportedModel, family_of
     try:
         family_of(c.student)
-        load_adapter(c.student, c.prompt_format)
+        refuse, warn = load_adapter(c.student, c.prompt_format).format_problems()
     except UnsupportedModel as e:
         return [f"train_student.student: {e}"]
     except ValueError as e:
         return [f"train_student.prompt_format: {e}"]
+    for w in warn:
+        print(f"[llavadi] warning: train_student.{w}", file=sys.stderr)
+    if refuse:
+        return [f"train_student.{r}" for r in refuse]
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(c.student))
     try:
