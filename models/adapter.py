@@ -237,6 +237,27 @@ class ModelAdapter:
         return collate(encoded, self.pad_token_id)
 
 
+def check_model(model_dir: str | Path, prompt_format: str, model_key: str, format_key: str
+                ) -> tuple[Optional[ModelAdapter], list[str]]:
+    """Before any work: ``model_dir`` is of a supported family and ``prompt_format`` renders and can show
+    an image (``ModelAdapter.format_problems``); its warnings go to stderr. Returns (the adapter, or None
+    when it cannot be built; problems, each naming the config key to change)."""
+    import sys
+
+    from . import UnsupportedModel
+
+    try:
+        ad = ModelAdapter(model_dir, prompt_format)
+        refuse, warn = ad.format_problems()
+    except UnsupportedModel as e:
+        return None, [f"{model_key}: {e}"]
+    except ValueError as e:
+        return None, [f"{format_key}: {e}"]
+    for w in warn:
+        print(f"[llavadi] warning: {format_key}: {w}", file=sys.stderr)
+    return ad, [f"{format_key}: {r}" for r in refuse]
+
+
 def vllm_support(model_dir: str | Path) -> Optional[str]:
     """None when vLLM's build here serves ``model_dir``'s family, else the reason it cannot."""
     from . import family_of

@@ -28,7 +28,6 @@ import hashlib
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -506,22 +505,12 @@ def preflight(cfg: LlavadiConfig, model_dir: Optional[str]) -> list[str]:
     if not model_dir or not os.path.exists(os.path.join(model_dir, "config.json")):
         p.append(f"--model {model_dir!r} is not a model directory (save_pretrained, with its processor)")
     else:
-        from ..models import UnsupportedModel
-        from ..models.adapter import ModelAdapter
+        from ..models.adapter import check_model, vllm_support
 
-        from ..models.adapter import vllm_support
-
-        try:
-            refuse, warn = ModelAdapter(model_dir, eval_prompt_format(cfg)).format_problems()
-            p += [f"eval.{r}" for r in refuse]
-            for w in warn:
-                print(f"[llavadi] warning: eval.{w}", file=sys.stderr)
-            if cfg.eval.engine == "vllm" and (why := vllm_support(model_dir)):
-                p.append(f"--model cannot run on vLLM here: {why}; use --engine hf")
-        except UnsupportedModel as e:
-            p.append(f"--model: {e}")
-        except ValueError as e:
-            p.append(f"eval.prompt_format: {e}")
+        adapter, problems = check_model(model_dir, eval_prompt_format(cfg), "--model", "eval.prompt_format")
+        p += problems
+        if adapter is not None and cfg.eval.engine == "vllm" and (why := vllm_support(model_dir)):
+            p.append(f"--model cannot run on vLLM here: {why}; use --engine hf")
     if not cfg.eval.data and not cfg.eval.cache:
         p.append("nothing to evaluate: pass --data FILE (held-out questions) and/or --cache DIR (a held-out teacher cache)")
     if cfg.eval.data:

@@ -57,28 +57,18 @@ REGEN_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [
 def teacher_preflight(cfg: LlavadiConfig, engine: str = "hf") -> list[str]:
     """Before any work: the teacher is a model directory of a supported family, its prompt format
     can be rendered, and (``engine="vllm"``) vLLM's build here serves that family."""
-    from ..models import UnsupportedModel
-    from ..models.adapter import ModelAdapter, vllm_support
+    from ..models.adapter import check_model, vllm_support
 
     t = cfg.teacher.model
     if not t:
         return ["no teacher: set teacher.model=DIR (a save_pretrained model directory with its processor)"]
     if not os.path.isdir(t) or not os.path.exists(os.path.join(t, "config.json")):
         return [f"teacher.model {t} is not a model directory (no config.json)"]
-    try:
-        adapter = ModelAdapter(t, cfg.teacher.prompt_format)
-        fam = adapter.family
-        refuse, warn = adapter.format_problems()
-    except UnsupportedModel as e:
-        return [f"teacher.model: {e}"]
-    except ValueError as e:
-        return [f"teacher.prompt_format: {e}"]
-    for w in warn:
-        print(f"[llavadi] warning: teacher.{w}", file=sys.stderr)
-    if refuse:
-        return [f"teacher.{r}" for r in refuse]
+    adapter, problems = check_model(t, cfg.teacher.prompt_format, "teacher.model", "teacher.prompt_format")
+    if problems:
+        return problems
     if engine == "vllm" and (why := vllm_support(t)):
-        return [f"the teacher's family ({fam.name}) cannot run on vLLM here: {why}; use the HF engine "
+        return [f"the teacher's family ({adapter.family.name}) cannot run on vLLM here: {why}; use the HF engine "
                 f"(regenerate.engine=hf / cache_teacher.engine=hf)"]
     return []
 

@@ -157,18 +157,12 @@ def student_problems(c) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from ...models import UnsupportedModel, family_of
-    try:
-        family_of(c.student)
-        refuse, warn = load_adapter(c.student, c.prompt_format).format_problems()
-    except UnsupportedModel as e:
-        return [f"train_student.student: {e}"]
-    except ValueError as e:
-        return [f"train_student.prompt_format: {e}"]
-    for w in warn:
-        print(f"[llavadi] warning: train_student.{w}", file=sys.stderr)
-    if refuse:
-        return [f"train_student.{r}" for r in refuse]
+    from ...models import family_of
+    from ...models.adapter import check_model
+
+    _, problems = check_model(c.student, c.prompt_format, "train_student.student", "train_student.prompt_format")
+    if problems:
+        return problems
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(c.student))
     try:
