@@ -129,13 +129,15 @@ WORKLOADS = {
     "midsize": {"spec": "MIDSIZE", "n_prompts": 64, "lengths": "8..128 spread, per request",
                 "vllm": ("default", "compiled", "no_prefix_cache")},
     "tiny": {"spec": "TEACHER", "n_prompts": 32, "lengths": "16 each", "vllm": ("default",)},
+    # benchmarks/gpu_check.sh --smoke (its CPU test): the code path, not a figure
+    "smoke": {"spec": "TEACHER", "n_prompts": 8, "lengths": "4 each", "vllm": ("default",)},
 }
 
 
 def workload_requests(name: str) -> tuple[list[str], list[int]]:
     w = WORKLOADS[name]
     qs = questions(w["n_prompts"])
-    lens = midsize_lengths(w["n_prompts"]) if name == "midsize" else [16] * w["n_prompts"]
+    lens = midsize_lengths(w["n_prompts"]) if name == "midsize" else [int(w["lengths"].split()[0])] * w["n_prompts"]
     return qs, lens
 
 
@@ -152,7 +154,7 @@ def render(adapter, qs: list[str]) -> list[str]:
 # alternates the sides' runs, so both are measured under the same machine conditions.
 
 class HFSide:
-    def __init__(self, model_dir: str, qs: list[str], lens: list[int]):
+    def __init__(self, model_dir: str, qs: list[str], lens: list[int], dtype: str = "float32"):
         import torch
 
         from llavadi.pipeline.config import TeacherConfig
@@ -160,7 +162,7 @@ class HFSide:
 
         self.torch = torch
         t0 = time.perf_counter()
-        eng = HFEngine(TeacherConfig(model=model_dir, dtype="float32"))
+        eng = HFEngine(TeacherConfig(model=model_dir, dtype=dtype))
         self.init_s = time.perf_counter() - t0
         self.model, self.tok = eng.model, eng.tokenizer
         self.tok.padding_side = "left"
@@ -178,7 +180,7 @@ class HFSide:
 
     def _batch(self, idx: list[int], force: int) -> list[list[int]]:
         with self.torch.inference_mode():
-            inp = self.tok([self.prompts[i] for i in idx], padding=True, return_tensors="pt")
+            inp = self.tok([self.prompts[i] for i in idx], padding=True, return_tensors="pt").to(self.model.device)
             gen = self.model.generate(**inp, do_sample=False, max_new_tokens=force, min_new_tokens=force,
                                       pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
             return gen[:, inp["input_ids"].shape[1]:].tolist()
@@ -212,7 +214,8 @@ VLLM_MODES = {
 
 
 class VLLMSide:
-    def __init__(self, model_dir: str, qs: list[str], lens: list[int], mode: str = "default"):
+    def __init__(self, model_dir: str, qs: list[str], lens: list[int], mode: str = "default", dtype: str = "float32",
+                 teacher_kw: dict | None = None):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
         import torch
@@ -222,7 +225,7 @@ class VLLMSide:
         from llavadi.models.engines.generate import VLLMEngine
 
         self.torch = torch
-        teacher = TeacherConfig(model=model_dir, dtype="float32", **VLLM_MODES[mode])
+        teacher = TeacherConfig(model=model_dir, dtype=dtype, **{**VLLM_MODES[mode], **(teacher_kw or {})})
         kw = vllm_engine_kwargs(teacher, torch.cuda.is_available())
         self.settings = {k: kw.get(k) for k in ("enforce_eager", "enable_prefix_caching", "block_size")}
         t0 = time.perf_counter()
@@ -263,10 +266,12 @@ class VLLMSide:
 def worker_main(kind: str, spec_path: str, fd: int) -> int:
     spec = json.loads(Path(spec_path).read_text())
     out = os.fdopen(fd, "w", buffering=1)
+    dtype = spec.get("dtype", "float32")
     if kind == "hf":
-        side = HFSide(spec["model"], spec["questions"], spec["lengths"])
+        side = HFSide(spec["model"], spec["questions"], spec["lengths"], dtype=dtype)
     else:
-        side = VLLMSide(spec["model"], spec["questions"], spec["lengths"], mode=kind.split(":", 1)[1])
+        side = VLLMSide(spec["model"], spec["questions"], spec["lengths"], mode=kind.split(":", 1)[1], dtype=dtype,
+                        teacher_kw=spec.get("teacher"))
     out.write(json.dumps({"event": "ready", **side.ready()}) + "\n")
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
@@ -279,13 +284,15 @@ def worker_main(kind: str, spec_path: str, fd: int) -> int:
 class Worker:
     """Driver-side handle of one persistent worker subprocess."""
 
-    def __init__(self, kind: str, work: Path, name: str, model_dir: Path, qs: list[str], lens: list[int]):
+    def __init__(self, kind: str, work: Path, name: str, model_dir: Path, qs: list[str], lens: list[int],
+                 dtype: str = "float32", teacher_kw: dict | None = None):
         import psutil
 
         self.kind = kind
         tag = kind.replace(":", "-")
         spec = work / f"{tag}-{name}.in.json"
-        spec.write_text(json.dumps({"model": str(model_dir), "questions": qs, "lengths": lens}))
+        spec.write_text(json.dumps({"model": str(model_dir), "questions": qs, "lengths": lens, "dtype": dtype,
+                                    "teacher": teacher_kw or {}}))
         self.log = work / f"{tag}-{name}.log"
         env = dict(os.environ)
         if kind.startswith("vllm:"):
@@ -340,13 +347,23 @@ class Worker:
 
 # --------------------------------------------------------------------------- driver
 
-def bench_workload(work: Path, name: str) -> dict:
+def bench_workload(work: Path, name: str, model_dir: Path | None = None, dtype: str = "float32",
+                   teacher_kw: dict | None = None, vllm_modes: tuple | None = None) -> dict:
+    """One workload of ``WORKLOADS`` (its requests). The teacher: built from the workload's spec, or
+    ``model_dir`` when given (``benchmarks/_gpu_check.py``: a wider teacher built on the GPU);
+    ``dtype`` for both engines (float32 here; bfloat16 on a GPU), ``teacher_kw`` extra
+    ``TeacherConfig`` fields for vLLM (e.g. ``gpu_memory_utilization``), ``vllm_modes`` a subset of
+    the workload's modes."""
     from llavadi.stages.demo import tiny_models
 
-    w = WORKLOADS[name]
-    spec = getattr(tiny_models, w["spec"])
+    w = dict(WORKLOADS[name])
+    if vllm_modes:
+        w["vllm"] = tuple(vllm_modes)
     t0 = time.perf_counter()
-    model_dir = tiny_models.build_tiny_llava(work / f"teacher-{name}", spec)
+    if model_dir is None:
+        model_dir = tiny_models.build_tiny_llava(work / f"teacher-{name}", getattr(tiny_models, w["spec"]))
+    else:
+        w["spec"] = Path(model_dir).name
     build_s = time.perf_counter() - t0
     n_params = param_count(model_dir)
     qs, lens = workload_requests(name)
@@ -357,12 +374,12 @@ def bench_workload(work: Path, name: str) -> dict:
     hf, vls = None, {}
     try:
         t0 = time.perf_counter()
-        hf = Worker("hf", work, name, model_dir, qs, lens)
+        hf = Worker("hf", work, name, model_dir, qs, lens, dtype=dtype)
         hf_start = time.perf_counter() - t0
         vl_start = {}
         for mode in w["vllm"]:
             t0 = time.perf_counter()
-            vls[mode] = Worker(f"vllm:{mode}", work, name, model_dir, qs, lens)
+            vls[mode] = Worker(f"vllm:{mode}", work, name, model_dir, qs, lens, dtype=dtype, teacher_kw=teacher_kw)
             vl_start[mode] = time.perf_counter() - t0
         # one untimed run of the whole workload per side first: the timed runs measure the steady
         # state a stage reaches after its first shard (first-run costs: allocator growth, new shapes)
@@ -397,7 +414,7 @@ def bench_workload(work: Path, name: str) -> dict:
     tps = {k: total / (sum(r["wall_s"] for r in rs) / len(rs)) for k, rs in runs.items()}
     head = w["vllm"][0]
     vl_head = tps[f"vllm_{head}"]
-    out: dict = {"teacher": w["spec"], "teacher_params": n_params, "n_prompts": len(qs), "text_only": True,
+    out: dict = {"teacher": w["spec"], "teacher_params": n_params, "dtype": dtype, "n_prompts": len(qs), "text_only": True,
                  "answer_lengths": w["lengths"], "min_len": min(lens), "max_len": max(lens),
                  "total_generated_tokens": total, "prompt_tokens": hf.ready["prompt_tokens"],
                  "vllm_headline_mode": head, "vllm_tok_s": round(vl_head, 1)}
