@@ -13,6 +13,12 @@
     and as ``losses.chunked_exact_kd_loss`` (checkpointed chunks) ÷ the naive
     full-logits path (student logits ``h @ W_s.T`` [N,V] with grad + teacher logits [N,V] +
     ``losses.dense_kd_loss``, forward + backward); target ≤ 0.25.
+(d) **Gradient checkpointing peak memory** (``train_student.gradient_checkpointing``): the peak of
+    one training step's forward + backward with checkpointing ÷ the same step without it, on the
+    ≈100M-parameter student (the tiny one with ``--no-mid``), same batch, same weights; and the
+    bytes the forward keeps for backward (the activations), with ÷ without. Reported (activations
+    are what it saves: the larger the batch × sequence against the parameter count, the lower the
+    peak ratio).
 
 How it is measured
 ------------------
@@ -61,6 +67,19 @@ own — so its ratio is higher). The allocator events come from the profiler's r
 (``prof.profiler.kineto_results``, not a documented API); where that is missing the RSS figures
 are the only ones (``method`` says which).
 
+(d) runs each arm (``off``, ``on``) in a fresh subprocess after the setup, one after the other: the
+model set up as in (a) (``Trainer``; ``on``: ``parallel.enable_gradient_checkpointing`` on the
+student, as the loop does), one batch of ``--gc-batch`` samples from ``StepDataset`` (the same in
+both arms), one untimed warm-up step, ``--gc-steps`` timed forward + backward passes (median:
+``fwd_bwd_ms``; the ratio of the arms' medians is the recompute cost), then one measured
+forward + backward, forward and backward profiled apart: the bytes still allocated after the
+forward (what it keeps for backward) and the step's peak = max(forward's peak, those + the
+backward's peak), from the profiler's allocator events as in (c) (on CUDA:
+``torch.cuda.memory_allocated`` / ``max_memory_allocated`` minus the bytes allocated before). The
+parameter gradients are allocated inside the measured region in both arms and counted (the
+weights and the batch are not). Each arm reports its loss and gradient norm:
+they must agree (checkpointing recomputes the same ops; ``loss_rel_diff``, ``grad_norm_rel_diff``).
+
 Timings use torch's default thread count unless ``--threads`` is given, with
 ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (spinning OpenMP threads make steps
 ~10x slower when other processes share the cores); the load average is recorded (other processes
@@ -69,7 +88,7 @@ GPU as the loop would (bf16 autocast); (c) stays on the CPU.
 
 Prints ONE JSON object on stdout's last line (``--out FILE`` also writes it).
 
-Usage: ``.venv/bin/python benchmarks/train_student.py [--out FILE] [--no-mid] [--threads N] ...``
+Usage: ``.venv/bin/python benchmarks/train_student.py [--out FILE] [--no-mid] [--no-gc] [--threads N] ...``
 """
 from __future__ import annotations
 
@@ -258,7 +277,10 @@ class Trainer:
     def to_device(self, mbs):
         import torch
 
-        return [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in mb.items()} for mb in mbs]
+        out = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in mb.items()} for mb in mbs]
+        for mb in out:  # the student's forward inputs (data.StepDataset.collate: a nested dict)
+            mb["inputs"] = {k: v.to(self.device) for k, v in mb["inputs"].items()}
+        return out
 
     def sync(self):
         import torch
@@ -308,8 +330,7 @@ class Trainer:
             for mbs in batches:
                 hs = []
                 for mb in mbs:
-                    out = self.student.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                                             pixel_values=mb["pixel_values"])
+                    out = self.student.model(**mb["inputs"])
                     hid = out.last_hidden_state
                     hs.append(hid.reshape(-1, hid.shape[-1])[mb["rows"]].float())
                 self._hidden[id(mbs)] = hs
@@ -361,19 +382,19 @@ def collect_batches(run: Path, st, image_root: Path, batch: int, micro: int, n: 
 def bench_student(name: str, student_dir: Path, setup_info: dict, args, batch: int, micro: int, n_batches: int,
                   rounds: int, loss_only: bool) -> dict:
     from llavadi.pipeline.config import LlavadiConfig
-    from llavadi.stages.train_student.data import load_processor, student_tokens
+    from llavadi.stages.train_student.data import student_tokens
 
     t0 = time.perf_counter()
     base = LlavadiConfig()
     base.train_student.student = str(student_dir)
     base.train_student.batch_size, base.train_student.micro_batch_size = batch, micro
-    st = student_tokens(load_processor(str(student_dir)), str(student_dir))
+    st = student_tokens(str(student_dir))
     tr = Trainer(student_dir, setup_info["run"], base)
     batches = [tr.to_device(b) for b in collect_batches(setup_info["run"], st, setup_info["image_root"], batch, micro,
                                                          n_batches, args.shuffle_buffer)]
     cfgs = {a: arm_config(base, a) for a in ARMS}
     toks = [sum(len(mb["targets"]) for mb in b) for b in batches]
-    seq = [sum(int(mb["attention_mask"].sum()) for mb in b) for b in batches]
+    seq = [sum(int(mb["inputs"]["attention_mask"].sum()) for mb in b) for b in batches]
     res = summarise(time_arms(tr.step, batches, cfgs, rounds, tr.sync))
     out = {"student": name, "params_m": round(tr.n_params / 1e6, 1), "batch_size": batch, "micro_batch_size": micro,
            "batches": len(batches), "rounds": rounds, "warmup_rounds": 1,
@@ -397,6 +418,24 @@ def bench_student(name: str, student_dir: Path, setup_info: dict, args, batch: i
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def alloc_peak(prof) -> tuple:
+    """(peak live bytes, live bytes at the end, event count) of the CPU allocations recorded by a
+    ``torch.profiler.profile(profile_memory=True)`` run (its allocator events, in time order);
+    ``(None, None, 0)`` where the profiler's internals moved (``kineto_results`` is not a documented API)."""
+    try:
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    except AttributeError:  # the profiler's internals moved: RSS only
+        events = None
+    live = peak = 0
+    for _, b in events or []:
+        live += b
+        peak = max(peak, live)
+    if not events:
+        return None, None, 0
+    return peak, live, len(events)
 
 
 def kd_mem_arm(arm: str, n: int, h: int, v: int, chunk: int) -> dict:
@@ -439,18 +478,8 @@ def kd_mem_arm(arm: str, n: int, h: int, v: int, chunk: int) -> dict:
         value = fn()
     wall = time.perf_counter() - t0
     max1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    try:
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
-    except AttributeError:  # the profiler's internals moved: RSS only
-        events = None
-    live = peak = 0
-    for _, b in events or []:
-        live += b
-        peak = max(peak, live)
-    if not events:
-        peak = live = None
-    return {"arm": arm, "peak_alloc_bytes": peak, "end_alloc_bytes": live, "alloc_events": len(events or []),
+    peak, live, n_events = alloc_peak(prof)
+    return {"arm": arm, "peak_alloc_bytes": peak, "end_alloc_bytes": live, "alloc_events": n_events,
             # None: the loss never raised the process's high-water mark (then delta <= max0 - rss0)
             "rss_peak_delta_bytes": max1 - rss0 if max1 > max0 else None,
             "rss_before_bytes": rss0, "wall_s": round(wall, 2), "loss": value}
@@ -506,6 +535,118 @@ def kd_memory_collect(args, procs: dict) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- (d) gradient checkpointing
+
+def gc_mem_arm(arm: str, student: str, run: str, image_root: str, batch: int, shuffle_buffer: int, steps: int) -> dict:
+    """One arm of (d) (``off`` / ``on``), in this (fresh) process. Returns bytes and ms."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from llavadi.pipeline.config import LlavadiConfig
+    from llavadi.stages.train_student import parallel
+    from llavadi.stages.train_student.data import student_tokens
+
+    cfg = LlavadiConfig()
+    cfg.train_student.student = student
+    cfg.train_student.batch_size = cfg.train_student.micro_batch_size = batch
+    tr = Trainer(Path(student), Path(run), cfg)
+    if arm == "on":
+        parallel.enable_gradient_checkpointing(tr.student)
+    mbs = tr.to_device(collect_batches(Path(run), student_tokens(student), Path(image_root), batch, batch, 1,
+                                       shuffle_buffer)[0])
+    n_tok = float(sum(len(mb["targets"]) for mb in mbs))
+
+    def fwd_bwd() -> float:
+        total = 0.0
+        for mb in mbs:
+            loss, _ = tr.model(mb)
+            (loss / n_tok).backward()
+            total += float(loss)
+        return total / n_tok
+
+    fwd_bwd()  # warm-up: lazy initialisation, allocator
+    tr.opt.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(steps):
+        tr.sync()
+        t0 = time.perf_counter()
+        fwd_bwd()
+        tr.sync()
+        times.append(time.perf_counter() - t0)
+        tr.opt.zero_grad(set_to_none=True)
+    # the measured pass, forward and backward apart: bytes still live after forward are what the
+    # forward keeps for backward (the activations checkpointing drops); the step's peak is the higher
+    # of the forward's peak and that plus the backward's own peak
+    assert len(mbs) == 1, "(d) measures one micro-batch"
+    if tr.device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss, _ = tr.model(mbs[0])
+        torch.cuda.synchronize()
+        fwd_peak, fwd_live = torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base
+        torch.cuda.reset_peak_memory_stats()
+        (loss / n_tok).backward()
+        torch.cuda.synchronize()
+        bwd_peak = torch.cuda.max_memory_allocated() - base - fwd_live
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss, _ = tr.model(mbs[0])
+        fwd_peak, fwd_live, _ = alloc_peak(prof)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            (loss / n_tok).backward()
+        bwd_peak = alloc_peak(prof)[0]
+        method = "torch.profiler allocator events"
+    peak = None if None in (fwd_peak, fwd_live, bwd_peak) else max(fwd_peak, fwd_live + bwd_peak)
+    loss = float(loss) / n_tok
+    grad_bytes = sum(p.numel() * p.element_size() for p in tr.params)
+    gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in tr.params if p.grad is not None])))
+    return {"arm": arm, "peak_alloc_bytes": peak, "after_forward_bytes": fwd_live, "param_grad_bytes": grad_bytes,
+            "method": method, "fwd_bwd_ms": round(1000 * statistics.median(times), 1),
+            "loss": loss, "grad_norm": gnorm, "params_m": round(tr.n_params / 1e6, 1), "batch_size": batch,
+            "answer_tokens": int(n_tok), "seq_tokens": sum(int(mb["inputs"]["attention_mask"].sum()) for mb in mbs),
+            "padded_seq_len": max(int(mb["inputs"]["input_ids"].shape[1]) for mb in mbs)}
+
+
+def gc_memory(info: dict, args) -> dict:
+    """(d): both arms, one after the other, each in a fresh process; ratios on + off."""
+    student = info["mid"] or info["student"]
+    arms = {}
+    for arm in ("off", "on"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--gc-mem-arm", arm, "--gc-student", str(student),
+               "--gc-run", str(info["run"]), "--gc-image-root", str(info["image_root"]), "--gc-batch",
+               str(args.gc_batch), "--gc-steps", str(args.gc_steps), "--shuffle-buffer", str(args.shuffle_buffer)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"gradient checkpointing arm {arm} exited {p.returncode}:\n{p.stderr[-4000:]}")
+        arms[arm] = json.loads(p.stdout.strip().splitlines()[-1])
+    off, on = arms["off"], arms["on"]
+    mib = lambda b: None if b is None else round(b / 2**20, 1)  # noqa: E731
+    out = {"student": "mid" if info["mid"] else "tiny", "params_m": off["params_m"], "batch_size": off["batch_size"],
+           "answer_tokens": off["answer_tokens"], "seq_tokens": off["seq_tokens"],
+           "padded_seq_len": off["padded_seq_len"], "method": off["method"],
+           "peak_mib_off": mib(off["peak_alloc_bytes"]), "peak_mib_on": mib(on["peak_alloc_bytes"]),
+           "ratio": (round(on["peak_alloc_bytes"] / off["peak_alloc_bytes"], 3)
+                     if on["peak_alloc_bytes"] and off["peak_alloc_bytes"] else None),
+           # what the forward keeps for backward (activations), and the gradients' share of the peak
+           "after_forward_mib_off": mib(off["after_forward_bytes"]), "after_forward_mib_on": mib(on["after_forward_bytes"]),
+           "after_forward_ratio": (round(on["after_forward_bytes"] / off["after_forward_bytes"], 3)
+                                   if on["after_forward_bytes"] and off["after_forward_bytes"] else None),
+           "param_grad_mib": mib(off["param_grad_bytes"]),
+           "fwd_bwd_ms_off": off["fwd_bwd_ms"], "fwd_bwd_ms_on": on["fwd_bwd_ms"],
+           "time_ratio": round(on["fwd_bwd_ms"] / off["fwd_bwd_ms"], 3),
+           "loss_rel_diff": abs(on["loss"] - off["loss"]) / max(1e-12, abs(off["loss"])),
+           "grad_norm_rel_diff": abs(on["grad_norm"] - off["grad_norm"]) / max(1e-12, abs(off["grad_norm"]))}
+    log(f"gradient checkpointing, {out['student']} student ({out['params_m']}M), batch {out['batch_size']}: peak "
+        f"{out['peak_mib_off']} -> {out['peak_mib_on']} MiB (ratio {out['ratio']}), kept after forward "
+        f"{out['after_forward_mib_off']} -> {out['after_forward_mib_on']} MiB, fwd+bwd {out['fwd_bwd_ms_off']} -> "
+        f"{out['fwd_bwd_ms_on']} ms, loss rel diff {out['loss_rel_diff']:.1e}")
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -534,6 +675,11 @@ def main(argv=None) -> int:
                          "512 = train_student.kd.chunk_size); each adds two ~1-2 min processes")
     ap.add_argument("--kd-mem-chunk", type=int, default=1024, help=argparse.SUPPRESS)  # internal: one arm of (c)
     ap.add_argument("--kd-mem-arm", choices=("naive", "chunked", "fused"), help=argparse.SUPPRESS)  # internal: one arm of (c)
+    ap.add_argument("--no-gc", action="store_true", help="skip (d)")
+    ap.add_argument("--gc-batch", type=int, default=16, help="(d): samples in the measured step (default 16)")
+    ap.add_argument("--gc-steps", type=int, default=1, help="(d): timed forward + backward passes per arm (default 1)")
+    for internal in ("--gc-mem-arm", "--gc-student", "--gc-run", "--gc-image-root"):  # internal: one arm of (d)
+        ap.add_argument(internal, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.kd_mem_chunks = [int(c) for c in args.kd_mem_chunks.split(",") if c.strip()]
 
@@ -543,6 +689,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.kd_mem_arm:
         print(json.dumps(kd_mem_arm(args.kd_mem_arm, args.kd_mem_n, args.kd_mem_h, args.kd_mem_v, args.kd_mem_chunk)))
+        return 0
+    if args.gc_mem_arm:
+        print(json.dumps(gc_mem_arm(args.gc_mem_arm, args.gc_student, args.gc_run, args.gc_image_root, args.gc_batch,
+                                    args.shuffle_buffer, args.gc_steps)))
         return 0
 
     t_start = time.perf_counter()
@@ -555,9 +705,9 @@ def main(argv=None) -> int:
         mem_procs = {} if args.no_mem else kd_memory_start(args)
         info = setup(work, args)
         mem = kd_memory_collect(args, mem_procs) if mem_procs else None  # done before anything is timed
-        from llavadi.stages.train_student.data import load_processor, student_tokens
+        from llavadi.stages.train_student.data import student_tokens
 
-        st = student_tokens(load_processor(str(info["student"])), str(info["student"]))
+        st = student_tokens(str(info["student"]))
         # (b) loader alone, before any model is in memory
         loaders = []
         for w in (0, 2):
@@ -572,6 +722,8 @@ def main(argv=None) -> int:
         if info["mid"] is not None:
             mid = bench_student(f"mid{args.mid_layers}L", info["mid"], info, args, args.mid_batch, args.mid_batch,
                                 args.mid_batches, args.mid_rounds, loss_only=False)
+        # (d) gradient checkpointing: peak memory with ÷ without, same batch
+        gc = None if args.no_gc else gc_memory(info, args)
     finally:
         for p in mem_procs.values():
             if p.poll() is None:
@@ -597,13 +749,18 @@ def main(argv=None) -> int:
         for c in args.kd_mem_chunks[1:]:
             result[f"kd_mem_ratio_fused_chunk{c}"] = mem["fused"][str(c)]["ratio"]
             result[f"kd_mem_ratio_chunk{c}"] = mem["chunked"][str(c)]["ratio"]
-    result["targets"] = {"kd_step_ratio": "<= 1.15", "loader_over_trainer": ">= 5", "kd_mem_ratio": "<= 0.25"}
+    if gc:
+        result["gc_mem_ratio"] = gc["ratio"]
+        result["gc_after_forward_ratio"] = gc["after_forward_ratio"]
+        result["gc_time_ratio"] = gc["time_ratio"]
+    result["targets"] = {"kd_step_ratio": "<= 1.15", "loader_over_trainer": ">= 5", "kd_mem_ratio": "<= 0.25",
+                         "gc_mem_ratio": "reported"}
     result.update({
         "data": {"samples": args.samples, "answer_words_appended": args.answer_words, "cache_top_k": 64,
                  "cache_hidden_dtype": "float16", "teacher": "tiny TEACHER (hidden 256, V 32064)"},
         "train_tiny": tiny, "train_mid": mid,
         "loader": loaders, "trainer_samples_per_s_tiny_full_kd": trainer_sps,
-        "kd_memory": mem,
+        "kd_memory": mem, "gc_memory": gc,
         "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "loadavg_start": load0, "loadavg_end": loadavg(),

@@ -293,6 +293,12 @@ class TrainStudentConfig:
     freeze_projector: bool = False  # the model's multimodal projector not trained
     freeze_lm: bool = False  # language model (and LM head) not trained
     precision: Literal["auto", "float32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, float32 on CPU
+    # ddp: every rank holds the whole student + optimizer state; fsdp: FSDP2 (fully_shard per decoder layer,
+    # then the rest) shards weights, gradients and optimizer state over the ranks; checkpoints are sharded
+    # (torch.distributed.checkpoint), the final student is still a save_pretrained directory
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # recompute each layer's activations in backward instead of storing them (less memory, ~1 more forward)
+    gradient_checkpointing: bool = False
     seed: int = 0  # projector init and shuffle order
     shuffle_buffer: int = 1000  # samples; the buffer spans shards
     num_workers: int = 0  # DataLoader worker processes per rank

@@ -14,6 +14,8 @@ Run dir: ``train_student/checkpoints/step_NNNNNN/`` (``save_pretrained`` student
 ``metrics.jsonl``, ``tensorboard/``, ``rejects.jsonl``, ``_stage.json``, ``_lock.json``.
 The same command resumes from the newest checkpoint exactly. With ``train_student.lora`` the
 checkpoints hold the adapter instead of the student, the last one also the merged student (``lora.py``).
+With ``train_student.parallel=fsdp`` (FSDP2) they are sharded, the last one also the ``save_pretrained``
+student; that and ``train_student.gradient_checkpointing``: ``parallel.py``.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from ...schemas.conversation import tokenizer_hash
 from ...schemas.teacher_cache import CacheReader
 from . import lora, losses
 from .data import StepDataset, load_adapter, stream_samples, student_tokens
+from . import parallel  # train_student.parallel=fsdp (FSDP2, sharded checkpoints), gradient_checkpointing
 
 STAGE_DIR = "train_student"
 
@@ -99,10 +102,12 @@ def init_distributed() -> tuple[int, int, bool]:
 def material(cfg: LlavadiConfig) -> dict:
     c = asdict(cfg.train_student)
     for k in ("num_workers", "save_every_steps", "keep_checkpoints", "log_every_steps", "log_sample_ids",
-              "cache_from", "nonfinite"):
+              "cache_from", "nonfinite", "gradient_checkpointing"):
         c.pop(k)  # how it runs, not what it computes (a pulled cache is checked by its own fingerprint)
     if not c["lora"]["enabled"]:
         c.pop("lora")  # LoRA off: the fingerprints of runs from before the lora keys existed stay valid
+    if c["parallel"] == "ddp":
+        c.pop("parallel")  # the default: fingerprints of runs from before the key existed stay valid
     return {"train_student": c, "student_dir": os.path.abspath(cfg.train_student.student or ""),
             "image_root": cfg.ingest.image_root}
 
@@ -251,11 +256,11 @@ def apply_update(opt, sched, params, c, state: dict, sums: dict, ok_local: bool,
     so the schedule stays aligned with ``global_step``). Returns (all-reduced ``[ce, kd, feat]``
     sums, the clipping grad norm or None, whether the weights were updated)."""
     if c.max_grad_norm > 0:
-        gnorm = norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+        gnorm = norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))  # FSDP: a DTensor
     else:
         gnorm, grads = None, [p.grad for p in params if p.grad is not None]
-        norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                if grads else torch.zeros(()))
+        norm = parallel.full_tensor(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                                    if grads else torch.zeros(()))
     ok = ok_local and bool(torch.isfinite(norm))
     vec = torch.tensor([sums.get(k, 0.0) for k in ("ce", "kd", "feat")] + [0.0 if ok else 1.0], dtype=torch.float64)
     if world > 1:  # NCCL reduces device tensors only (gloo either)
@@ -410,10 +415,14 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
     ckpt_dir = sd.path / "checkpoints"
     resume = latest_checkpoint(ckpt_dir)
     src = str(resume) if resume and not c.lora.enabled else c.student  # LoRA: base student + the checkpoint's adapter
+    if c.parallel == "fsdp":
+        src = c.student  # the weights come from the sharded checkpoint (parallel.load_checkpoint)
     torch.manual_seed(c.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     use_bf16 = c.precision == "bf16" or (c.precision == "auto" and device == "cuda")
-    student = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).to(device)
+    # FSDP: stays on the CPU until fully_shard moves each rank's shard to the device
+    student = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).to(
+        "cpu" if c.parallel == "fsdp" and world > 1 else device)
     st = student_tokens(c.student, c.prompt_format)
     adapter = load_adapter(c.student, c.prompt_format)
 
@@ -444,6 +453,10 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
         p.requires_grad_(name not in frozen)
     # LoRA: adapters injected into `student` in place (+ loaded from `resume`); the LM's base weights frozen
     peft_model = lora.wrap(student, adapter.family, c, frozen, resume) if c.lora.enabled else None
+    if c.gradient_checkpointing:
+        parallel.enable_gradient_checkpointing(student)
+        if rank == 0:
+            print("[train-student] gradient checkpointing on (activations recomputed in backward)", file=sys.stderr)
     head_t = None
     if c.kd.exact:
         from safetensors.torch import load_file
@@ -455,7 +468,9 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
 
     model = StudentWithProjector(student, projector, cfg, head_t, autocast)
     ddp = model
-    if world > 1:
+    if c.parallel == "fsdp":  # FSDP2: per decoder layer, then the root (stages/train_student/parallel.py)
+        parallel.shard(model, parallel.decoder_layers(student, adapter.family), device=device, bf16=use_bf16)
+    elif world > 1:
         # a micro-batch without images leaves the multimodal projector unused on that rank
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None, find_unused_parameters=True)
@@ -465,11 +480,14 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(c.schedule, warmup, total_steps))
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "total_steps": total_steps, "fingerprint": fp}
     if resume:
-        ts = torch.load(resume / "training_state.pt", weights_only=False)
-        opt.load_state_dict(ts["optimizer"])
-        sched.load_state_dict(ts["scheduler"])
-        projector.load_state_dict(ts["projector"])
-        torch.set_rng_state(ts["rng_torch"])
+        if c.parallel == "fsdp":  # weights, projector, optimizer (sharded), scheduler, this rank's RNG
+            parallel.load_checkpoint(resume, model, opt, sched)
+        else:
+            ts = torch.load(resume / "training_state.pt", weights_only=False)
+            opt.load_state_dict(ts["optimizer"])
+            sched.load_state_dict(ts["scheduler"])
+            projector.load_state_dict(ts["projector"])
+            torch.set_rng_state(ts["rng_torch"])
         state = json.loads((resume / "trainer_state.json").read_text())
         if rank == 0:
             print(f"[train-student] resuming from {resume.name} (step {state['global_step']}/{total_steps})",
@@ -516,7 +534,8 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
                 mb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mb.items()}
                 mb["inputs"] = {k: v.to(device) for k, v in mb["inputs"].items()}
                 sync = (i == len(mbs) - 1) or world == 1
-                ctx = ddp.no_sync() if (world > 1 and not sync) else _null()
+                # FSDP reduce-scatters every micro-batch (no unsharded gradient kept between them)
+                ctx = ddp.no_sync() if (world > 1 and not sync and c.parallel != "fsdp") else _null()
                 with ctx:
                     loss, terms = ddp(mb)
                     # sum over this rank's tokens / all ranks' tokens; DDP averages gradients over
@@ -560,7 +579,10 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
                                 | {"tok/s": rec["tokens_per_s"]})
             last = state["global_step"] == total_steps
             if state["global_step"] % c.save_every_steps == 0 or last:
-                if rank == 0:
+                if c.parallel == "fsdp":  # every rank writes its shard; the last step also the save_pretrained student
+                    parallel.save_checkpoint(ckpt_dir, model, student, opt, sched, dict(state), c.keep_checkpoints,
+                                             adapter=adapter if last else None)
+                elif rank == 0:
                     save_checkpoint(ckpt_dir, student if peft_model is None else peft_model, adapter, projector, opt,
                                     sched, dict(state), c.keep_checkpoints)
                 if world > 1:
