@@ -29,6 +29,9 @@
 #     zarr numcodecs crc32c donfig webdataset braceexpand ijson wordllama==0.4.0.post1
 # (add `--platform manylinux_2_28_x86_64` etc. where pip finds none). vLLM's CUDA wheel (hundreds of
 # MB) cannot travel that way: offline, the regenerate figure is skipped with a note in the JSON.
+# On a machine lent through a device tool that copies the working tree and returns $OUT: put the
+# wheels in .whl/ (git-ignored there), carry it, and give the command a limit above BUDGET_S
+# (e.g. 540 s): `bash benchmarks/gpu_check.sh`.
 #
 # Robustness: every step runs under `timeout` within what is left of the budget; each figure is
 # merged into $OUT/gpu_check.json the moment it is measured, so a step cut off still leaves the
