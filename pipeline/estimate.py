@@ -108,23 +108,28 @@ def _sample_positions(total: int, k: int) -> list[int]:
 
 
 def _read_rows(path: Path, local: list[int]) -> list[dict]:
-    """Rows at the sorted positions ``local`` of one Parquet sample shard, streamed (stops after the last)."""
+    """Rows at the sorted positions ``local`` of one Parquet sample shard, streamed (stops after the last).
+    Raises ``EstimateUnavailable`` for a shard that cannot be read: the stage's upstream check names
+    that shard and its fix, and the estimate must not pre-empt it with a traceback."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     out, base, want = [], 0, iter(local)
     nxt = next(want, None)
-    pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(batch_size=1024, columns=["id", "image", "conversations"]):
-        n = batch.num_rows
-        take = []
-        while nxt is not None and nxt < base + n:
-            take.append(nxt - base)
-            nxt = next(want, None)
-        if take:
-            out += batch.take(take).to_pylist()
-        base += n
-        if nxt is None:
-            break
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["id", "image", "conversations"]):
+            n = batch.num_rows
+            take = []
+            while nxt is not None and nxt < base + n:
+                take.append(nxt - base)
+                nxt = next(want, None)
+            if take:
+                out += batch.take(take).to_pylist()
+            base += n
+            if nxt is None:
+                break
+    except (OSError, pa.ArrowException) as e:
+        raise EstimateUnavailable(f"{path} cannot be read ({type(e).__name__})") from None
     return out
 
 
