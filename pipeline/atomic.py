@@ -97,3 +97,29 @@ def remove_stale_tmp(directory: Path) -> int:
             shutil.rmtree(p, ignore_errors=True)
             n += 1
     return n
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` and every directory holding them (``path`` included)."""
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in sorted({p.parent for p in path.rglob("*")} | {path}):
+        fsync_dir(d)
+
+
+def publish_dir(tmp: Path, final: Path, keep: int) -> None:
+    """Make the fully written directory ``tmp`` appear as ``final`` in one rename (after an fsync of its
+    tree), replacing an older ``final``, then keep only the newest ``keep`` siblings named like it
+    (``step_*`` checkpoints; names sort by age)."""
+    import shutil
+
+    fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    prefix = final.name.split("_")[0] + "_"
+    for old in sorted(p for p in final.parent.glob(f"{prefix}*") if TMP_MARK not in p.name)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -323,18 +323,7 @@ def save_checkpoint(out: Path, student, adapter, projector, opt, sched, state: d
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "projector": projector.state_dict(),
                 "rng_torch": torch.get_rng_state()}, tmp / "training_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    for p in tmp.rglob("*"):  # files of subdirectories too (LoRA's adapter/)
-        if p.is_dir():
-            atomic.fsync_dir(p)
-            continue
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic.fsync_dir(out)
-    for old in sorted(p for p in out.glob("step_*") if atomic.TMP_MARK not in p.name)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    atomic.publish_dir(tmp, final, keep)  # files of subdirectories too (LoRA's adapter/)
     return final
 
 

@@ -39,7 +39,6 @@ recompute and leaves it to its pre-backward hook — torch/distributed/fsdp/_ful
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -152,15 +151,6 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    for d in sorted({p.parent for p in path.rglob("*")} | {path}):
-        atomic.fsync_dir(d)
-
-
 def full_student(model: torch.nn.Module, student: torch.nn.Module, prefix: str = "student.") -> Optional[torch.nn.Module]:
     """The student with its full (unsharded) float32 weights on the CPU, on rank 0 (None on the other
     ranks). Collective: every rank must call it. The weights come from
@@ -238,13 +228,7 @@ def save_checkpoint(out: Path, model, student, opt, sched, state: dict, keep: in
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
     _barrier(world)  # every rank's shard file is written (DCP's writer fsyncs its files)
     if rank == 0:
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic.fsync_dir(out)
-        for old in sorted(p for p in out.glob("step_*") if atomic.TMP_MARK not in p.name)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic.publish_dir(tmp, final, keep)
     _barrier(world)
     return final
 
