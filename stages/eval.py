@@ -169,7 +169,7 @@ def read_questions(data: str, image_root: Optional[str], max_chars: int, check_i
     LLaVA question file. Every record goes through ingest's validator; duplicate ids: the first
     one wins (as in ingest). ``limit`` > 0 stops after that many questions."""
     from ..schemas.samples import GPT, HUMAN, Reject, validate_record
-    from .ingest import RAW_PREVIEW_CHARS, _id_key, read_raw
+    from .ingest_reader import RAW_PREVIEW_CHARS, _id_key, read_raw
 
     root = Path(image_root) if image_root else None
     qs: list[Question] = []
@@ -499,7 +499,7 @@ def summary(res: dict, run_dir: Path | str) -> str:
 
 
 def preflight(cfg: LlavadiConfig, model_dir: Optional[str]) -> list[str]:
-    from .ingest import _first_byte, _kind
+    from .ingest_reader import _first_byte, _kind
 
     p = []
     if not model_dir or not os.path.exists(os.path.join(model_dir, "config.json")):

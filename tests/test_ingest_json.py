@@ -14,7 +14,8 @@ import pytest
 from llavadi.pipeline.config import load_config
 from llavadi.pipeline.runner import run_stage
 from llavadi.schemas.samples import REASONS, iter_samples
-from llavadi.stages.ingest import IngestStage, _JsonList
+from llavadi.stages.ingest import IngestStage
+from llavadi.stages.ingest_reader import _JsonList
 
 
 def conv(i: int) -> str:
@@ -150,7 +151,7 @@ def test_tolerated_syntax_loses_and_adds_nothing():
 
 
 def test_a_record_longer_than_the_limit_costs_itself_only(monkeypatch):
-    from llavadi.stages import ingest as mod
+    from llavadi.stages import ingest_reader as mod
 
     monkeypatch.setattr(mod, "MAX_RECORD_BYTES", 4096)
     monkeypatch.setattr(mod, "_CHUNK", 512)  # exercise refills and string tokens cut at a chunk's end
