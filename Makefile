@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llavadi-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench docs clean-venv
+.PHONY: setup test demo demo-teacher bench docs clean-venv
 
 setup: $(STAMP)
 
@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml requirements.txt .ci/setup-venv.sh
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# the README's demo block (table, findings, chart) is rewritten from the run's results.json
 demo: setup
 	$(VENV)/bin/llavadi demo
+	$(PY) -m llavadi.stages.demo.report demo README.md
+
+# rebuild the demo's shipped teacher (assets/demo_teacher, about an hour on 2 cores); commit the result
+demo-teacher: setup
+	$(PY) -m llavadi.stages.demo.teacher_builder demo_teacher_build assets/demo_teacher
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -343,15 +343,19 @@ def status(run: Path = typer.Argument(..., help="run directory", callback=_run_d
 @app.command()
 def demo(run_dir: Path = typer.Option(Path("demo"), "--run-dir", metavar="DIR", help="where the demo run lives"),
          quick: bool = typer.Option(False, "--quick", help="smaller sizes (≤ 5 min)"),
+         rebuild_teacher: bool = typer.Option(False, "--rebuild-teacher",
+                                              help="build the demo teacher in RUN_DIR/teacher (about an hour) "
+                                                   "instead of using the shipped one"),
          profile: Optional[str] = typer.Option(None, "--profile", hidden=True, help="default | quick | smoke"),
          executor: Optional[str] = typer.Option(None, "--executor", metavar="NAME", callback=_executor,
                                                 help=_key_help("run.executor") + ", for every stage")) -> None:
-    """The whole pipeline on tiny local models and synthetic visual-QA data (offline), with the
-    study's ablation arms; prints a table and writes RUN_DIR/report.md + report.png."""
+    """The whole pipeline on a shipped tiny teacher, a tiny student and synthetic visual-QA data
+    (offline), with the study's ablation arms; prints a table and writes RUN_DIR/report.md,
+    report.png and results.json."""
     from .stages.demo.run import run_demo
 
     try:
-        run_demo(run_dir, quick=quick, executor=executor or "ray", profile=profile)
+        run_demo(run_dir, quick=quick, executor=executor or "ray", profile=profile, rebuild_teacher=rebuild_teacher)
     except (StageError, LockedError, ConfigError) as e:
         _fail(str(e), 2)
     except StageFailed as e:

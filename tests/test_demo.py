@@ -1,5 +1,6 @@
-"""``llavadi demo`` end to end at smoke size (what ``make demo`` runs, reduced): every arm is
-in the report, and a rerun reuses the finished stages."""
+"""``llavadi demo`` end to end at smoke size (what ``make demo`` runs, reduced, with the shipped
+teacher): every arm is in the report with each seed's point and the learning curves, the README
+block renders from results.json, and a rerun reuses the finished stages."""
 import json
 
 from conftest import cli, status_json
@@ -19,10 +20,23 @@ def test_demo_smoke_runs_every_arm_and_reuses_on_rerun(tmp_path):
         assert label in report and label in p.stdout
     png = (root / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    for run in ("teacher_sft", "original", "regenerated", "heldout"):
+    assert res["teacher"]["path"].endswith("assets/demo_teacher")
+    assert set(res["curves"]) == {"ce", "llavadi"} and all(len(c) == 2 for c in res["curves"].values())
+    assert all(0.0 <= p["accuracy"] <= 1.0 for c in res["curves"].values() for p in c)
+    assert set(res["timings_s"]) >= {"teacher_passes", "students_train", "eval", "curves"}
+    assert "Measured ordering" in report and "gap" in report and "Learning curves" in report
+    for run in ("original", "regenerated", "heldout"):
         st = status_json(root / "runs" / run)["stages"]
         assert all(s["complete"] for s in st.values()), (run, st)
     assert status_json(root / "runs" / "regenerated")["stages"]["regenerate"]["samples"]["out"] > 0
+    from llavadi.stages.demo.report import README_BEGIN, README_END, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\nrest\n")
+    update_readme(readme, root)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert res["date"] in text and "(1) CE only" in text and (tmp_path / "docs" / "demo_report.png").exists()
     p2 = cli("demo", "--run-dir", root, "--profile", "smoke", "--executor", "local", timeout=900)
     assert "building" not in p2.stdout and "generating" not in p2.stdout and "(0 run, 1 reused)" in p2.stdout
     strip = lambda rs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rs]  # noqa: E731

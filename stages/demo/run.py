@@ -1,60 +1,58 @@
-"""``llavadi demo``: the whole pipeline on tiny local models and a synthetic visual-QA task,
-with the study's ablations in miniature. Fully offline; reruns reuse finished stages.
+"""``llavadi demo``: the whole pipeline on a shipped tiny teacher, a tiny student and a synthetic
+visual-QA task, with the study's ablations in miniature. Fully offline; reruns reuse finished stages.
 
 Layout under ``--run-dir`` (default ``demo/``)::
 
-    models/{teacher_init,student_init}/      tiny LLaVAs built from configs
-    synthetic/{teacher_train,labelled,unlabelled,test}.json + images/
-    runs/teacher_sft/      ingest → cache (targets only) → train-student with KD off = teacher SFT
-    runs/heldout/          ingest test → cache-teacher (trained teacher): KL / perplexity reference
+    models/student_init/   tiny LLaVA student, built with the teacher's tokenizer and LLaVA's system text
+    teacher/               only with --rebuild-teacher: the builder's output (teacher_builder.py)
+    synthetic/{labelled,unlabelled,validation,test}.json + images/   (data seed 0)
+    runs/heldout/          ingest test → cache-teacher: KL / perplexity reference
     runs/original/         ingest labelled → cache-teacher (source=data)
     runs/regenerated/      ingest labelled+unlabelled → regenerate (vLLM) → cache-teacher
-    runs/arm-<arm>-s<seed>/  train-student per arm (links to the shared data/cache)
+    runs/arm-<arm>-s<seed>/  train-student per arm and seed (links to the shared data/cache)
     report.md, report.png, results.json
 
 Arms (LLAVADI study, Table 2/3 in miniature): ``ce`` (CE only), ``ce+kd`` (+ logit KD),
 ``ce+feat`` (+ feature loss), ``llavadi`` (CE + KD + feature), ``llavadi+regen`` (LLAVADI on
-teacher-regenerated data, the teacher also answering images the student never saw labelled).
+teacher-regenerated data: the teacher also answers images the student never saw labelled).
+The test split is only ever scored; learning curves use the validation split.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ...pipeline.runner import StageError, run_stage
-from ...pipeline.session import resolve
+from ...pipeline.runner import StageError
+from .steps import evaluate_cached, link_run, say, stage, train
 
 
 @dataclass(frozen=True)
 class DemoProfile:
-    teacher_train: int
-    labelled: int
-    unlabelled: int
-    test: int
-    teacher_steps: int
-    teacher_batch: int
+    labelled: int  # conversations with reference answers the student may train on
+    unlabelled: int  # images (with questions) only the teacher answers (regenerated arm)
+    validation: int  # conversations for learning curves / any tuning
+    test: int  # conversations scored once per model (never tuned on)
     student_steps: int
     student_batch: int
-    seeds: tuple = (0,)
-    teacher_lr: float = 3e-3
+    seeds: tuple = (0, 1, 2)
     student_lr: float = 2e-3
-    eval_questions: int = 0  # 0 = all test questions
+    curve_points: int = 6  # validation evaluations per learning curve
+    vision_steps: int = 150  # the student's vision pre-training (vision_pretrain.py), as the teacher's
+    build: str = "full"  # teacher_builder size used by --rebuild-teacher
 
 
 PROFILES = {
-    # make demo: ≤ 20 min on 2 cores (measured 19m01s idle: teacher SFT 491 s, teacher passes 80 s,
-    # 10 student runs ~40 s each; 400 student steps took 20m53s)
-    "default": DemoProfile(teacher_train=6000, labelled=500, unlabelled=2000, test=400, teacher_steps=900,
-                           teacher_batch=64, student_steps=300, student_batch=32, seeds=(0, 1)),
-    # llavadi demo --quick: ≤ 5 min
-    "quick": DemoProfile(teacher_train=1500, labelled=300, unlabelled=500, test=150, teacher_steps=250,
-                         teacher_batch=48, student_steps=120, student_batch=24, seeds=(0,)),
+    # make demo: ≤ 20 min on 2 cores
+    "default": DemoProfile(labelled=300, unlabelled=3000, validation=300, test=1600, student_steps=400,
+                           student_batch=32, curve_points=4),
+    # llavadi demo --quick: ≤ 5 min, one seed
+    "quick": DemoProfile(labelled=300, unlabelled=1500, validation=150, test=600, student_steps=300,
+                         student_batch=32, seeds=(0,), curve_points=3),
     # the test suite's end-to-end run
-    "smoke": DemoProfile(teacher_train=48, labelled=24, unlabelled=16, test=12, teacher_steps=3, teacher_batch=8,
-                         student_steps=2, student_batch=8, seeds=(0,)),
+    "smoke": DemoProfile(labelled=24, unlabelled=16, validation=8, test=12, student_steps=4, student_batch=8,
+                         seeds=(0,), curve_points=2, build="smoke", vision_steps=2),
 }
 ARMS = {
     "ce": dict(ce_weight=1.0, kd_weight=0.0, feature_weight=0.0),
@@ -63,37 +61,29 @@ ARMS = {
     "llavadi": dict(ce_weight=1.0, kd_weight=1.0, feature_weight=1.0),
     "llavadi+regen": dict(ce_weight=1.0, kd_weight=1.0, feature_weight=1.0),
 }
+CURVE_ARMS = ("ce", "llavadi")
 
 
-def _say(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
+def demo_teacher(root: Path, prof: DemoProfile, rebuild: bool, executor: str) -> Path:
+    """The shipped teacher (``assets/demo_teacher``), or with ``rebuild`` the builder's output in
+    ``root/teacher``. Raises ``StageError`` naming the fix when the shipped one is missing."""
+    from .teacher_builder import ASSET_DIR, CARD, build_teacher
+
+    if rebuild:
+        out = root / "teacher"
+        if not (out / CARD).exists():
+            say(f"building the demo teacher ({prof.build} size) in {root / 'teacher_build'}")
+            build_teacher(root / "teacher_build", out, size=prof.build, executor=executor)
+        return out
+    if not (ASSET_DIR / "model.safetensors").exists():
+        raise StageError(f"the shipped demo teacher is missing ({ASSET_DIR}/model.safetensors): restore it with "
+                         "`git checkout -- assets/demo_teacher` or build one with `llavadi demo --rebuild-teacher`")
+    return ASSET_DIR
 
 
-def _stage(stage, run: Path, overrides: list[str]) -> None:
-    cfg = resolve(run, None, [], overrides)
-    rep = run_stage(stage, run, cfg, progress=True)
-    _say(f"{stage.name} {run.name}: {rep.shards_total} shards ({rep.shards_run} run, {rep.shards_skipped} reused)")
-
-
-def _link_run(src: Path, dst: Path, cfg_overrides: list[str]) -> None:
-    """A run dir that shares ``src``'s data and cache (symlinks) but trains its own student."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("data", "regenerate", "cache_teacher"):
-        if (src / name).exists() and not (dst / name).exists():
-            os.symlink((src / name).resolve(), dst / name)
-    if not (dst / "config.yaml").exists():
-        (dst / "config.yaml").write_text((src / "config.yaml").read_text())
-
-
-def _train(run: Path, student: Path, overrides: list[str]) -> Path:
-    from ..train_student.loop import train
-
-    cfg = resolve(run, None, [f"train_student.student={json.dumps(str(student))}"], overrides)
-    res = train(run, cfg, progress=True)
-    return Path(res["final_checkpoint"])
-
-
-def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", profile: str | None = None) -> dict:
+def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", profile: str | None = None,
+             rebuild_teacher: bool = False) -> dict:
+    from ...models.prompts import LLAVA_V1_SYSTEM
     from ...pipeline.executors import init_ray
     from ..cache_teacher import STAGE as CACHE
     from ..ingest import STAGE as INGEST
@@ -101,7 +91,8 @@ def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", pr
     from . import synthetic_vqa, tiny_models
     from .report import write_report
 
-    prof = PROFILES[profile or ("quick" if quick else "default")]
+    name = profile or ("quick" if quick else "default")
+    prof = PROFILES[name]
     root = Path(root).resolve()
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -110,86 +101,101 @@ def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", pr
 
         init_ray(RunConfig())  # one embedded cluster for every stage of the demo
 
-    # 1. models and data --------------------------------------------------------------------
-    models = root / "models"
-    for name, spec in (("teacher_init", tiny_models.DEMO_TEACHER), ("student_init", tiny_models.DEMO_STUDENT)):
-        if not (models / name / "config.json").exists():
-            _say(f"building {name} ({spec})")
-            tiny_models.build_tiny_llava(models / name, spec, system=tiny_models.DEMO_SYSTEM)
+    # 1. teacher, student, data -----------------------------------------------------------------
+    t = time.time()
+    teacher = demo_teacher(root, prof, rebuild_teacher, executor)
+    timings["teacher_build"] = time.time() - t
+    t = time.time()
+    student_init = root / "models" / "student_init"
+    if not (student_init / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        from .vision_pretrain import pretrain_vision_dir
+
+        say(f"building student_init ({tiny_models.DEMO_STUDENT}) with the teacher's tokenizer")
+        random_init = root / "models" / "student_random"
+        tiny_models.build_tiny_llava(random_init, tiny_models.DEMO_STUDENT, system=LLAVA_V1_SYSTEM,
+                                     tokenizer=AutoTokenizer.from_pretrained(str(teacher)))
+        # the study's students start from a pre-trained vision encoder too: stage 0 as for the teacher
+        pretrain_vision_dir(random_init, student_init, prof.vision_steps, seed=0)
     data = root / "synthetic"
-    splits = {"teacher_train": (prof.teacher_train, True), "labelled": (prof.labelled, True),
-              "unlabelled": (prof.unlabelled, False), "test": (prof.test, True)}
+    splits = {"labelled": (prof.labelled, True), "unlabelled": (prof.unlabelled, False),
+              "validation": (prof.validation, True), "test": (prof.test, True)}
     for split, (n, answers) in splits.items():
         if not (data / f"{split}.json").exists():
-            _say(f"generating {n} {split} conversations")
+            say(f"generating {n} {split} conversations")
             synthetic_vqa.generate(data, n, seed=0, split=split, with_answers=answers)
-    base = [f"run.executor={executor}", f"ingest.image_root={json.dumps(str(data))}", "ingest.shard_size=500",
-            "teacher.max_model_len=512", "cache_teacher.batch_size=16"]
+    base = [f"run.executor={executor}", f"ingest.image_root={json.dumps(str(data))}", "ingest.shard_size=1000",
+            "teacher.max_model_len=512", "cache_teacher.batch_size=32"]
     runs = root / "runs"
+    timings["data"] = time.time() - t
 
-    # 2. teacher SFT: the student stage with KD off ------------------------------------------
+    # 2. teacher passes: held-out cache, original labelled cache, regenerated labelled+unlabelled ------
     t = time.time()
-    sft = runs / "teacher_sft"
-    _stage(INGEST, sft, base + [f"ingest.inputs={json.dumps([str(data / 'teacher_train.json')])}"])
-    init_t = str(models / "teacher_init")
-    # targets only: the cache supplies the answer token ids (top-1, int8) — its values are unused
-    _stage(CACHE, sft, [f"teacher.model={json.dumps(init_t)}", "cache_teacher.source=data", "cache_teacher.top_k=1",
-                        "cache_teacher.hidden_dtype=int8"])
-    teacher = _train(sft, models / "teacher_init", [
-        "train_student.kd_weight=0", "train_student.feature_weight=0", f"train_student.lr={prof.teacher_lr}",
-        f"train_student.batch_size={prof.teacher_batch}", f"train_student.micro_batch_size={prof.teacher_batch}",
-        f"train_student.max_steps={prof.teacher_steps}", "train_student.freeze_vision=false",
-        "train_student.save_every_steps=100000", "train_student.epochs=100", "train_student.shuffle_buffer=2000"])
-    timings["teacher_sft"] = time.time() - t
     teacher_cfg = [f"teacher.model={json.dumps(str(teacher))}"]
-
-    # 3. teacher caches: held-out, original labelled, regenerated labelled+unlabelled ---------
-    t = time.time()
-    held = runs / "heldout"
-    _stage(INGEST, held, base + [f"ingest.inputs={json.dumps([str(data / 'test.json')])}"])
-    _stage(CACHE, held, teacher_cfg + ["cache_teacher.source=data", "cache_teacher.top_k=32"])
-    orig = runs / "original"
-    _stage(INGEST, orig, base + [f"ingest.inputs={json.dumps([str(data / 'labelled.json')])}"])
-    _stage(CACHE, orig, teacher_cfg + ["cache_teacher.source=data", "cache_teacher.top_k=32"])
-    regen = runs / "regenerated"
-    _stage(INGEST, regen, base + [f"ingest.inputs={json.dumps([str(data / 'labelled.json'), str(data / 'unlabelled.json')])}"])
-    _stage(REGEN, regen, teacher_cfg + ["regenerate.sampling.temperature=0", "regenerate.sampling.max_new_tokens=8",
-                                        "regenerate.sampling.min_new_tokens=1",
-                                        "regenerate.block_size=512"])
-    _stage(CACHE, regen, teacher_cfg + ["cache_teacher.source=regenerate", "cache_teacher.top_k=32"])
+    held, orig, regen = runs / "heldout", runs / "original", runs / "regenerated"
+    stage(INGEST, held, base + [f"ingest.inputs={json.dumps([str(data / 'test.json')])}"])
+    stage(CACHE, held, teacher_cfg + ["cache_teacher.source=data", "cache_teacher.top_k=32"])
+    stage(INGEST, orig, base + [f"ingest.inputs={json.dumps([str(data / 'labelled.json')])}"])
+    stage(CACHE, orig, teacher_cfg + ["cache_teacher.source=data", "cache_teacher.top_k=32"])
+    stage(INGEST, regen, base + [f"ingest.inputs={json.dumps([str(data / 'labelled.json'), str(data / 'unlabelled.json')])}"])
+    stage(REGEN, regen, teacher_cfg + ["regenerate.sampling.temperature=0", "regenerate.sampling.max_new_tokens=8",
+                                       "regenerate.sampling.min_new_tokens=1", "regenerate.block_size=1024"])
+    stage(CACHE, regen, teacher_cfg + ["cache_teacher.source=regenerate", "cache_teacher.top_k=32"])
     timings["teacher_passes"] = time.time() - t
 
-    # 4. students, one per arm and seed --------------------------------------------------------
-    results = []
-    ev_base = [f"eval.data={json.dumps(str(data / 'test.json'))}", f"eval.cache={json.dumps(str(held / 'cache_teacher'))}",
-               f"eval.image_root={json.dumps(str(data))}", "eval.max_new_tokens=6",
-               f"eval.max_samples={prof.eval_questions}"]
-    t_eval = evaluate_cached(root, sft, teacher, "teacher", ev_base)
+    # 3. the teacher's own score on the test split ----------------------------------------------
+    # vLLM answers a whole split in one batched pass (transformers' engine generates one question at a time)
+    test_ev = ["eval.engine=vllm", f"eval.data={json.dumps(str(data / 'test.json'))}", f"eval.cache={json.dumps(str(held / 'cache_teacher'))}",
+               f"eval.image_root={json.dumps(str(data))}", "eval.max_new_tokens=6"]
+    val_ev = ["eval.engine=vllm", f"eval.data={json.dumps(str(data / 'validation.json'))}", f"eval.image_root={json.dumps(str(data))}",
+              "eval.max_new_tokens=6"]
+    t = time.time()
+    t_eval = evaluate_cached(held, teacher, "teacher", test_ev)
+    timings["eval"] = time.time() - t
+
+    # 4. students, one per arm and seed; learning curves from the checkpoints of two arms -------
+    results, curves = [], {}
+    timings["students_train"] = 0.0
+    timings["curves"] = 0.0
+    every = max(1, prof.student_steps // prof.curve_points)
     for arm, weights in ARMS.items():
         for seed in prof.seeds:
             run = runs / f"arm-{arm}-s{seed}"
-            _link_run(regen if arm.endswith("regen") else orig, run, [])
+            link_run(regen if arm.endswith("regen") else orig, run)
+            curve = arm in CURVE_ARMS and seed == prof.seeds[0]
             t = time.time()
-            _say(f"training arm {arm} (seed {seed})")
+            say(f"training arm {arm} (seed {seed})")
             try:
-                ckpt = _train(run, models / "student_init", [f"train_student.{k}={v}" for k, v in weights.items()] + [
-                f"train_student.lr={prof.student_lr}", f"train_student.batch_size={prof.student_batch}",
-                f"train_student.micro_batch_size={prof.student_batch}", f"train_student.max_steps={prof.student_steps}",
-                "train_student.epochs=1000", f"train_student.seed={seed}", "train_student.freeze_vision=false",
-                "train_student.save_every_steps=100000", "train_student.shuffle_buffer=1000"])
+                ckpt = train(run, student_init, [f"train_student.{k}={v}" for k, v in weights.items()] + [
+                    f"train_student.lr={prof.student_lr}", f"train_student.batch_size={prof.student_batch}",
+                    f"train_student.micro_batch_size={prof.student_batch}", f"train_student.max_steps={prof.student_steps}",
+                    "train_student.epochs=100000", f"train_student.seed={seed}", "train_student.freeze_vision=true",
+                    f"train_student.save_every_steps={every if curve else 100000}",
+                    f"train_student.keep_checkpoints={prof.curve_points + 1 if curve else 1}",
+                    "train_student.shuffle_buffer=1000", "train_student.log_every_steps=10"])
             except StageError as e:  # e.g. the teacher answered too few samples to fill a batch
-                _say(f"arm {arm} skipped: {e}")
+                say(f"arm {arm} skipped: {e}")
                 results.append({"arm": arm, "seed": seed, "skipped": str(e)})
                 continue
             train_s = time.time() - t
-            ev = evaluate_cached(root, run, ckpt, f"{arm}-s{seed}", ev_base)
+            timings["students_train"] += train_s
+            t = time.time()
+            ev = evaluate_cached(run, ckpt, f"{arm}-s{seed}", test_ev)
+            timings["eval"] += time.time() - t
             results.append({"arm": arm, "seed": seed, "accuracy": ev["answers"]["accuracy"],
                             "exact_match": ev["answers"]["exact_match"], "kl_to_teacher": ev["teacher_cache"]["kl_to_teacher"],
                             "perplexity": ev["teacher_cache"]["perplexity"], "train_seconds": round(train_s, 1)})
-    out = {"profile": profile or ("quick" if quick else "default"), "sizes": prof.__dict__ if hasattr(prof, "__dict__") else {},
-           "teacher": {"accuracy": t_eval["answers"]["accuracy"], "kl_to_teacher": t_eval["teacher_cache"]["kl_to_teacher"],
+            if curve:
+                t = time.time()
+                curves[arm] = learning_curve(run, arm, val_ev)
+                timings["curves"] += time.time() - t
+    out = {"profile": name, "sizes": asdict(prof), "date": time.strftime("%Y-%m-%d"),
+           "teacher": {"path": str(teacher), "accuracy": t_eval["answers"]["accuracy"],
+                       "questions": t_eval["answers"]["scored"],
+                       "kl_to_teacher": t_eval["teacher_cache"]["kl_to_teacher"],
                        "perplexity": t_eval["teacher_cache"]["perplexity"]},
-           "results": results, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+           "results": results, "curves": curves, "timings_s": {k: round(v, 1) for k, v in timings.items()},
            "total_seconds": round(time.time() - t_start, 1)}
     (root / "results.json").write_text(json.dumps(out, indent=1) + "\n")
     table = write_report(root, out)
@@ -197,14 +203,11 @@ def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", pr
     return out
 
 
-def evaluate_cached(root: Path, run: Path, model: Path, name: str, overrides: list[str]) -> dict:
-    """``llavadi eval`` for one model; a finished result for the same checkpoint is reused."""
-    from ..eval import evaluate
-
-    path = run / "eval" / f"{name}.json"
-    if path.exists():
-        res = json.loads(path.read_text())
-        if res.get("model") == str(Path(model).resolve()):
-            return res
-    cfg = resolve(run, None, [], overrides)
-    return evaluate(run, cfg, str(model), name)
+def learning_curve(run: Path, arm: str, val_ev: list[str]) -> list[dict]:
+    """Validation accuracy of every checkpoint the run kept: ``[{"step", "accuracy"}]``."""
+    pts = []
+    for ckpt in sorted((run / "train_student" / "checkpoints").glob("step_*")):
+        step = int(ckpt.name.split("_")[1])
+        ev = evaluate_cached(run, ckpt, f"val-{arm}-step{step}", val_ev)
+        pts.append({"step": step, "accuracy": ev["answers"]["accuracy"]})
+    return pts

@@ -2,11 +2,12 @@
 
 Scene: a ``grid × grid`` board (default 2×2, one visual token per cell with 32-px images and
 16-px patches — few visual tokens make the task learnable on a CPU, see
-shared/demo-calibration.md) holding 1–4 shapes (circle, square, triangle) in 8 colours, with
-colour jitter and pixel noise. Questions (answers are 1–2 words): colour of a shape, count of
+shared/demo-calibration.md) holding 1–4 shapes (circle, square, triangle) in 8 colours on a
+black background, with colour jitter and pixel noise. Questions (answers are 1–2 words): colour of a shape, count of
 all shapes, count of one shape, is there a <colour> <shape>, what is at a position, where is an
 object. Some conversations are multi-turn (2–3 questions about one image) and some rows are
-text-only (small arithmetic), as in LLaVA-665k's mix.
+text-only (small arithmetic), as in LLaVA-665k's mix. The demo teacher's builder adds dense
+captions (``caption_frac``), as LLaVA's stage 1 trains on captions.
 
 Same arguments → same files, byte for byte.
 """
@@ -20,12 +21,16 @@ import numpy as np
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
-    "purple": (140, 50, 180), "orange": (240, 140, 30), "white": (240, 240, 240), "black": (20, 20, 20),
+    "purple": (140, 50, 180), "orange": (240, 140, 30), "white": (240, 240, 240), "grey": (128, 128, 128),
 }
 SHAPES = ("circle", "square", "triangle")
 POSITIONS_2x2 = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
-BACKGROUND = (128, 128, 128)
+# black: every shape is brighter than the background in some channel, so circle / square / triangle
+# differ linearly in a patch's pixels whatever the colour (a linear probe on 16-px cells: 100 % vs 53 %
+# on mid-grey, where a tiny teacher told colours and positions apart within 500 steps but still
+# guessed shapes after 1500; issue #14's calibration)
+BACKGROUND = (0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,14 @@ def ask(scene: list[Obj], rng: np.random.RandomState, grid: int = 2) -> tuple[st
     return f"Where is the {o.colour} {o.shape}?", pos[o.cell]
 
 
+def caption(scene: list[Obj], grid: int = 2) -> tuple[str, str]:
+    """A dense description of every object, in cell order (``caption_frac`` conversations): the
+    miniature of LLaVA's stage-1 caption data, a teacher-building aid — every answer word is about
+    the image, so the vision tower learns from all cells at once."""
+    pos = _positions(grid)
+    return "Describe the image.", ", ".join(f"{pos[o.cell]} {o.colour} {o.shape}" for o in sorted(scene, key=lambda o: o.cell))
+
+
 def text_only(rng: np.random.RandomState) -> tuple[str, str]:
     a, b = int(rng.randint(0, 5)), int(rng.randint(0, 5))
     if a + b <= 4:
@@ -104,13 +117,32 @@ def text_only(rng: np.random.RandomState) -> tuple[str, str]:
     return f"Which is larger, {NUMBER_WORDS[a]} or {NUMBER_WORDS[b]}?", NUMBER_WORDS[max(a, b)]
 
 
+def corpus_lines(grid: int = 2) -> list[str]:
+    """Every question and answer text ``ask``/``text_only`` can produce (the demo vocabulary's corpus)."""
+    pos = _positions(grid)
+    out = ["<image>\n", "How many shapes are there?", "Describe the image."]
+    for s in SHAPES:
+        out += [f"What colour is the {s}?", f"How many {s}s are there?"]
+        out += [f"What colour is the {s} at the {p}?" for p in pos]
+        for c in COLOURS:
+            out += [f"Is there a {c} {s}?", f"Where is the {c} {s}?", f"{c} {s}"]
+            out += [f"{p} {c} {s}, " for p in pos]
+    out += [f"What is at the {p}?" for p in pos] + list(pos) + ["yes", "no"]
+    for a in range(5):
+        for b in range(5):
+            out += [f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?", f"Which is larger, {NUMBER_WORDS[a]} or {NUMBER_WORDS[b]}?"]
+    return out
+
+
 def generate(out_dir: Path | str, n: int, *, seed: int = 0, split: str = "train", image_size: int = 32,
              grid: int = 2, multi_turn_frac: float = 0.25, text_only_frac: float = 0.1,
-             with_answers: bool = True) -> Path:
+             with_answers: bool = True, caption_frac: float = 0.0) -> Path:
     """Write ``out_dir/images/<split>/NNNNNN.png`` and ``out_dir/<split>.json`` (a LLaVA list).
 
     Image paths in the JSON are relative to ``out_dir`` (pass it as ``--image-root``). With
     ``with_answers=False`` gpt turns hold a placeholder (for data the teacher will answer).
+    ``caption_frac``: share of image conversations that are one "Describe the image." turn
+    (``caption``); 0 (default) draws no extra random numbers, so other splits are unchanged.
     Returns the JSON path.
     """
     out_dir = Path(out_dir)
@@ -128,6 +160,11 @@ def generate(out_dir: Path | str, n: int, *, seed: int = 0, split: str = "train"
         scene = make_scene(rng, grid)
         rel = f"images/{split}/{i:06d}.png"
         render(scene, rng, image_size, grid).save(out_dir / rel, optimize=False)
+        if caption_frac and rng.rand() < caption_frac:
+            q, a = caption(scene, grid)
+            records.append({"id": rid, "image": rel, "conversations": [
+                {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a if with_answers else "?"}]})
+            continue
         turns = 1 + (int(rng.randint(1, 3)) if rng.rand() < multi_turn_frac else 0)
         conv = []
         for t in range(turns):

@@ -66,8 +66,8 @@ class TinySpec:
 TEACHER = TinySpec(hidden=256, layers=4, heads=4, intermediate=512, vision_hidden=128, vision_layers=2, vision_heads=2)
 STUDENT = TinySpec()
 # the demo's pair: small enough that SFT + five student arms fit 20 minutes on 2 cores
-DEMO_TEACHER = TinySpec(hidden=128, layers=4, heads=2, intermediate=384, vision_hidden=64, vision_layers=2,
-                        vision_heads=1, max_positions=512)
+DEMO_TEACHER = TinySpec(hidden=128, layers=4, heads=2, intermediate=384, vision_hidden=128, vision_layers=2,
+                        vision_heads=2, max_positions=512)
 DEMO_STUDENT = TinySpec(hidden=64, layers=2, heads=1, intermediate=128, vision_hidden=32, vision_layers=1,
                         vision_heads=1, max_positions=512)
 # ≈135M parameters (LM hidden 768, 12 layers, head_dim 64 + 2×32064×768 embeddings/head): big enough
@@ -102,19 +102,27 @@ def build_tokenizer(system: str = VICUNA_SYSTEM):
     return tok
 
 
-def build_config(spec: TinySpec):
+def build_config(spec: TinySpec, tokenizer=None):
+    """``LlavaConfig`` for ``spec``; vocabulary size and ``<image>``/``<pad>`` ids from ``tokenizer``
+    (default: the LLaMA-2 one: 32064 rows, as llava-1.5-hf pads 32002 to a multiple of 64)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if tokenizer is None:
+        vocab, image_id, pad_id = 32064, 32000, 32001
+    else:  # rows padded to a multiple of 64, as llava-1.5-hf does
+        vocab = -(-len(tokenizer) // 64) * 64
+        image_id, pad_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id
 
     vision = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
                               num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
                               image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
-    text = LlamaConfig(vocab_size=32064, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+    text = LlamaConfig(vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
                        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
                        head_dim=spec.hidden // spec.heads, max_position_embeddings=spec.max_positions,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=32001, tie_word_embeddings=False,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=pad_id, tie_word_embeddings=False,
                        rms_norm_eps=1e-5)
     n_patches = (spec.image_size // spec.patch_size) ** 2
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, projector_hidden_act="gelu",
                       vision_feature_select_strategy="default", vision_feature_layer=-1,
                       image_seq_length=n_patches, tie_word_embeddings=False)
     return cfg
@@ -135,17 +143,21 @@ def build_processor(spec: TinySpec, tokenizer=None, system: str = VICUNA_SYSTEM)
 
 
 def build_tiny_llava(out_dir: Path | str, spec: TinySpec = STUDENT, *, seed: int | None = None,
-                     system: str = VICUNA_SYSTEM) -> Path:
+                     system: str = VICUNA_SYSTEM, tokenizer=None) -> Path:
     """Build, randomly initialise (seeded), and save a tiny LLaVA with processor (Vicuna v1
-    template with ``system`` as its system prompt). Returns the dir."""
+    template with ``system`` as its system prompt). ``tokenizer``: default the LLaMA-2 one
+    (``build_tokenizer``); the demo passes its small vocabulary (``vocab.build_demo_tokenizer``),
+    whose chat template is then set here. Returns the dir."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
     out_dir = Path(out_dir)
     torch.manual_seed(spec.seed if seed is None else seed)
-    model = LlavaForConditionalGeneration(build_config(spec)).float().eval()
+    model = LlavaForConditionalGeneration(build_config(spec, tokenizer)).float().eval()
     from ...models.llava import LLAVA
 
-    LLAVA.save(model, build_processor(spec, system=system), out_dir)
+    if tokenizer is not None:
+        tokenizer.chat_template = vicuna_v1_template(system)
+    LLAVA.save(model, build_processor(spec, tokenizer, system=system), out_dir)
     (out_dir / "llavadi_tiny_spec.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")
     return out_dir
