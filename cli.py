@@ -344,7 +344,7 @@ def status(run: Path = typer.Argument(..., help="run directory", callback=_run_d
 def demo(run_dir: Path = typer.Option(Path("demo"), "--run-dir", metavar="DIR", help="where the demo run lives"),
          quick: bool = typer.Option(False, "--quick", help="smaller sizes (≤ 5 min)"),
          rebuild_teacher: bool = typer.Option(False, "--rebuild-teacher",
-                                              help="build the demo teacher in RUN_DIR/teacher (about an hour) "
+                                              help="build the demo teacher in RUN_DIR/teacher (about 20 min on 2 cores) "
                                                    "instead of using the shipped one"),
          profile: Optional[str] = typer.Option(None, "--profile", hidden=True, help="default | quick | smoke"),
          executor: Optional[str] = typer.Option(None, "--executor", metavar="NAME", callback=_executor,
