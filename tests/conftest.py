@@ -26,6 +26,19 @@ def cli(*args: str, env: dict | None = None, check: bool = True, cwd: str | None
     return p
 
 
+def vllm_greedy(model_dir: Path, items: list[dict], max_tokens: int, tmp_path: Path) -> list[list[int]]:
+    """Greedy token ids from vLLM for ``items`` (``{"prompt", "image"}``), in a subprocess
+    (``vllm_greedy_script.py``: vLLM's CPU backend pins the threads of the process that loads it)."""
+    pf = tmp_path / "vllm_prompts.json"
+    pf.write_text(json.dumps(items))
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_greedy_script.py")), str(model_dir), str(pf),
+                        str(max_tokens)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    assert p.returncode == 0 and line, p.stderr[-3000:]
+    return json.loads(line[0][len("RESULT "):])
+
+
 def status_json(run: Path) -> dict:
     return json.loads(cli("status", run, "--json").stdout)
 

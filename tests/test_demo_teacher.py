@@ -5,14 +5,11 @@ prompt string written here by hand, the teacher's accuracy recomputed with a pla
 ``generate`` loop, vLLM's greedy tokens against transformers'."""
 import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import vllm_greedy
 
 from llavadi.models.prompts import LLAVA_V1_SYSTEM
 from llavadi.stages.demo.teacher_builder import ASSET_DIR, CARD
@@ -119,13 +116,7 @@ def test_shipped_teacher_greedy_same_in_vllm(tmp_path, shipped):
         with torch.no_grad():
             out = model.generate(**inp, max_new_tokens=4, do_sample=False, min_new_tokens=4)
         hf.append(out[0, inp["input_ids"].shape[1]:].tolist())
-    pf = tmp_path / "prompts.json"
-    pf.write_text(json.dumps(items))
-    p = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_greedy_script.py")), str(ASSET_DIR), str(pf), "4"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    assert p.returncode == 0 and line, p.stderr[-3000:]
-    assert json.loads(line[0][len("RESULT "):]) == hf
+    assert vllm_greedy(ASSET_DIR, items, 4, tmp_path) == hf
     assert len({tuple(x) for x in hf}) > 1
 
 

@@ -26,7 +26,9 @@ def reference(tmp_path_factory, synth):
 
 
 def _kill_when(run, synth, cond, executor="local", env=None, timeout=120):
-    e = {**os.environ, **(env or {})}
+    # every shard sleeps 0.1 s first: with small images a 10-record shard can finish within one
+    # 5-ms poll, and "killed after N shards" must land before the stage ends (it once did not)
+    e = {**os.environ, "LLAVADI_FAULTS": "ingest:*:sleep0.1", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "llavadi.cli", *map(str, args(run, synth, executor))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=e, start_new_session=True)
     t0 = time.time()

@@ -41,9 +41,6 @@ def vicuna_v1_template(system: str = VICUNA_SYSTEM) -> str:
 
 
 VICUNA_V1_TEMPLATE = vicuna_v1_template()
-# the demo's models use a one-word system prompt: ~25 instead of ~60 tokens per single-turn
-# conversation, which more than halves training time on a CPU (same Vicuna v1 format)
-DEMO_SYSTEM = "Chat."
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,8 @@ class TinySpec:
 
 TEACHER = TinySpec(hidden=256, layers=4, heads=4, intermediate=512, vision_hidden=128, vision_layers=2, vision_heads=2)
 STUDENT = TinySpec()
-# the demo's pair: small enough that SFT + five student arms fit 20 minutes on 2 cores
+# the demo's pair (LLaVA's own system text, the demo vocabulary: stages/demo/vocab.py); the teacher
+# ships pre-trained (teacher_builder.py), the student trains in make demo's 20 minutes
 DEMO_TEACHER = TinySpec(hidden=128, layers=4, heads=2, intermediate=384, vision_hidden=128, vision_layers=2,
                         vision_heads=2, max_positions=512)
 DEMO_STUDENT = TinySpec(hidden=64, layers=2, heads=1, intermediate=128, vision_hidden=32, vision_layers=1,
