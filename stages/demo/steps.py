@@ -20,6 +20,31 @@ def stage(stage_obj, run: Path, overrides: list[str]) -> None:
     say(f"{stage_obj.name} {run.name}: {rep.shards_total} shards ({rep.shards_run} run, {rep.shards_skipped} reused)")
 
 
+def scratch_dir(out: Path) -> Path:
+    """An empty temporary sibling of ``out`` to fill, then ``publish`` (a crash leaves ``out`` as it was)."""
+    import shutil
+
+    from ...pipeline import atomic
+
+    tmp = atomic.tmp_name(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Make the filled ``tmp`` appear as ``out`` (fsynced; an older ``out`` goes only now)."""
+    import shutil
+
+    from ...pipeline import atomic
+
+    atomic.fsync_tree(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    atomic.fsync_dir(out.parent)
+
+
 def link_run(src: Path, dst: Path) -> None:
     """A run dir that shares ``src``'s data and cache (symlinks) but trains its own student."""
     dst.mkdir(parents=True, exist_ok=True)

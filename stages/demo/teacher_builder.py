@@ -19,13 +19,12 @@ same command writes the same weights (CPU float kernels may round differently on
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .steps import evaluate_cached, say, sft
+from .steps import evaluate_cached, publish, say, scratch_dir, sft
 from .vision_pretrain import pretrain_vision_dir
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo_teacher"
@@ -95,7 +94,7 @@ def build_teacher(work: Path | str, out: Path | str = ASSET_DIR, *, size: str = 
     facts = {"accuracy": ev["answers"]["accuracy"], "questions": ev["answers"].get("scored", ev["answers"].get("n")),
              "train_seconds": round(train_s, 1), "size": asdict(sz), "spec": asdict(tiny_models.DEMO_TEACHER),
              "data_seed": TEACHER_DATA_SEED, "built": time.strftime("%Y-%m-%d"), "vision": facts_v}
-    tmp = atomic_tmp(out)
+    tmp = scratch_dir(out)
     for name in SHIPPED:
         src = ckpt / name if (ckpt / name).exists() else init / name
         if src.exists():
@@ -103,22 +102,9 @@ def build_teacher(work: Path | str, out: Path | str = ASSET_DIR, *, size: str = 
     facts["sha256"] = {p.name: atomic.sha256_file(p) for p in sorted(tmp.iterdir())}
     facts["vocab"] = json.loads((tmp / "config.json").read_text())["text_config"]["vocab_size"]
     (tmp / CARD).write_text(model_card(facts))
-    atomic.fsync_tree(tmp)
-    if out.exists():  # the old teacher goes only once the new one is complete
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    atomic.fsync_dir(out.parent)
+    publish(tmp, out)  # the old teacher goes only once the new one is complete
     say(f"teacher published to {out}: {100 * facts['accuracy']:.1f} % on {sz.heldout} held-out conversations")
     return facts
-
-
-def atomic_tmp(out: Path) -> Path:
-    from ...pipeline import atomic
-
-    tmp = atomic.tmp_name(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def model_card(f: dict) -> str:

@@ -87,7 +87,6 @@ def pretrain_vision_dir(src: Path, out: Path, steps: int, *, seed: int) -> dict:
     """``pretrain_vision`` on the model saved in ``src``; the result is saved (same layout, plus
     ``vision_pretrain.json`` with the returned facts and ``seconds``) to ``out``, atomically."""
     import json
-    import os
     import shutil
     import time
 
@@ -95,21 +94,17 @@ def pretrain_vision_dir(src: Path, out: Path, steps: int, *, seed: int) -> dict:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from ...models.llava import LLAVA
-    from ...pipeline import atomic
+    from .steps import publish, scratch_dir
 
     model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(src)
     t0 = time.time()
     facts = pretrain_vision(model, processor, steps=steps, seed=seed)
     facts["seconds"] = round(time.time() - t0, 1)
-    tmp = atomic.tmp_name(out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = scratch_dir(out)
     LLAVA.save(model, processor, tmp)
     for extra in Path(src).glob("llavadi_*.json"):
         shutil.copy2(extra, tmp / extra.name)
     (tmp / "vision_pretrain.json").write_text(json.dumps(facts) + "\n")
-    atomic.fsync_tree(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish(tmp, out)
     return facts
