@@ -29,6 +29,17 @@ def test_demo_smoke_runs_every_arm_and_reuses_on_rerun(tmp_path):
         st = status_json(root / "runs" / run)["stages"]
         assert all(s["complete"] for s in st.values()), (run, st)
     assert status_json(root / "runs" / "regenerated")["stages"]["regenerate"]["samples"]["out"] > 0
+    # every arm starts from the stage-1 student: caption alignment moved the language model and the
+    # projector, not the pre-trained vision tower (frozen, as LLaVA freezes CLIP)
+    from safetensors.torch import load_file
+
+    vis, init = (load_file(str(root / "models" / d / "model.safetensors")) for d in ("student_vision", "student_init"))
+    assert vis.keys() == init.keys()
+    tower = [k for k in vis if "vision_tower" in k]
+    moved = [k for k in vis if not (vis[k] == init[k]).all()]
+    assert tower and not set(tower) & set(moved)
+    assert any("multi_modal_projector" in k for k in moved) and any("language_model" in k for k in moved)
+    assert all(s["complete"] for s in status_json(root / "runs" / "student_stage1")["stages"].values())
     from llavadi.stages.demo.report import README_BEGIN, README_END, update_readme
 
     readme = tmp_path / "README.md"

@@ -13,7 +13,8 @@ ARM_LABEL = {
     "llavadi": "(4) CE + logit + feature (LLAVADI)",
     "llavadi+regen": "(5) LLAVADI on teacher-regenerated data",
 }
-PHASES = {"teacher_build": "teacher (shipped: load; --rebuild-teacher: build)", "data": "student init + data",
+PHASES = {"teacher_build": "teacher (shipped: load; --rebuild-teacher: build)", "data": "data",
+          "student_init": "student stages 0–1 (vision pre-training, caption alignment)",
           "teacher_passes": "teacher passes (regenerate + caches)", "students_train": "student training",
           "eval": "test-split evaluation", "curves": "learning curves (validation)"}
 

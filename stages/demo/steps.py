@@ -10,6 +10,12 @@ from ...pipeline.runner import run_stage
 from ...pipeline.session import resolve
 
 
+# what a demo model dir holds (save_pretrained layout of llava-1.5-hf)
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+               "processor_config.json", "llavadi_tiny_spec.json")
+
+
 def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
@@ -43,6 +49,17 @@ def publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(out)
     os.replace(tmp, out)
     atomic.fsync_dir(out.parent)
+
+
+def copy_model(ckpt: Path, init: Path, dst: Path) -> None:
+    """Copy ``MODEL_FILES`` into ``dst``: each from the training checkpoint ``ckpt`` where it has
+    it, else from the model it was trained from (``init``: tokenizer/processor files, our spec)."""
+    import shutil
+
+    for name in MODEL_FILES:
+        src = ckpt / name if (ckpt / name).exists() else init / name
+        if src.exists():
+            shutil.copy2(src, dst / name)
 
 
 def link_run(src: Path, dst: Path) -> None:

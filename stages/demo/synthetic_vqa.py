@@ -4,7 +4,7 @@ Scene: a ``grid × grid`` board (default 2×2, one visual token per cell with 32
 16-px patches — few visual tokens make the task learnable on a CPU, see
 shared/demo-calibration.md) holding 1–4 shapes (circle, square, triangle) in 8 colours on a
 black background, with colour jitter and pixel noise. Questions (answers are 1–2 words): colour of a shape, count of
-all shapes, count of one shape, is there a <colour> <shape>, what is at a position, where is an
+all shapes, count of one shape, is there a <shape>, what is at a position, where is an
 object. Some conversations are multi-turn (2–3 questions about one image) and some rows are
 text-only (small arithmetic), as in LLaVA-665k's mix. The demo teacher's builder adds dense
 captions (``caption_frac``), as LLaVA's stage 1 trains on captions.
@@ -92,11 +92,14 @@ def ask(scene: list[Obj], rng: np.random.RandomState, grid: int = 2) -> tuple[st
         s = SHAPES[rng.randint(len(SHAPES))]
         return f"How many {s}s are there?", NUMBER_WORDS[sum(x.shape == s for x in scene)]
     if kind == 3:
-        if rng.rand() < 0.5:
-            return f"Is there a {o.colour} {o.shape}?", "yes"
-        c, s = list(COLOURS)[rng.randint(len(COLOURS))], SHAPES[rng.randint(len(SHAPES))]
-        ans = "yes" if any(x.colour == c and x.shape == s for x in scene) else "no"
-        return f"Is there a {c} {s}?", ans
+        # one attribute, yes/no about evenly: "Is there a <colour> <shape>?" (a colour and a shape
+        # bound to one cell) stayed at "yes" for every question in a 3000-step demo teacher while
+        # the other kinds reached 87–100 % (issue #14's calibration)
+        present = sorted({x.shape for x in scene})
+        absent = [s for s in SHAPES if s not in present]
+        if absent and rng.rand() < 0.5:
+            return f"Is there a {absent[rng.randint(len(absent))]}?", "no"
+        return f"Is there a {present[rng.randint(len(present))]}?", "yes"
     if kind == 4:
         return f"What is at the {pos[o.cell]}?", f"{o.colour} {o.shape}"
     return f"Where is the {o.colour} {o.shape}?", pos[o.cell]
@@ -122,10 +125,10 @@ def corpus_lines(grid: int = 2) -> list[str]:
     pos = _positions(grid)
     out = ["<image>\n", "How many shapes are there?", "Describe the image."]
     for s in SHAPES:
-        out += [f"What colour is the {s}?", f"How many {s}s are there?"]
+        out += [f"What colour is the {s}?", f"How many {s}s are there?", f"Is there a {s}?"]
         out += [f"What colour is the {s} at the {p}?" for p in pos]
         for c in COLOURS:
-            out += [f"Is there a {c} {s}?", f"Where is the {c} {s}?", f"{c} {s}"]
+            out += [f"Where is the {c} {s}?", f"{c} {s}"]
             out += [f"{p} {c} {s}, " for p in pos]
     out += [f"What is at the {p}?" for p in pos] + list(pos) + ["yes", "no"]
     for a in range(5):

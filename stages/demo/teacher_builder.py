@@ -19,21 +19,16 @@ same command writes the same weights (CPU float kernels may round differently on
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .steps import evaluate_cached, publish, say, scratch_dir, sft
+from .steps import copy_model, evaluate_cached, publish, say, scratch_dir, sft
 from .vision_pretrain import pretrain_vision_dir
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo_teacher"
 TEACHER_DATA_SEED = 1  # the demo's labelled/unlabelled/validation/test splits use seed 0
 CARD = "MODEL_CARD.md"
-# what the demo needs from a teacher dir (save_pretrained layout of llava-1.5-hf)
-SHIPPED = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-           "special_tokens_map.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-           "processor_config.json", "llavadi_tiny_spec.json")
 
 
 @dataclass(frozen=True)
@@ -48,7 +43,7 @@ class BuildSize:
 
 
 SIZES = {
-    "full": BuildSize(train=40000, heldout=400, steps=3000, batch=64),
+    "full": BuildSize(train=40000, heldout=400, steps=4000, batch=64),
     "smoke": BuildSize(train=40, heldout=8, steps=2, batch=8, vision_steps=2),
 }
 
@@ -95,10 +90,7 @@ def build_teacher(work: Path | str, out: Path | str = ASSET_DIR, *, size: str = 
              "train_seconds": round(train_s, 1), "size": asdict(sz), "spec": asdict(tiny_models.DEMO_TEACHER),
              "data_seed": TEACHER_DATA_SEED, "built": time.strftime("%Y-%m-%d"), "vision": facts_v}
     tmp = scratch_dir(out)
-    for name in SHIPPED:
-        src = ckpt / name if (ckpt / name).exists() else init / name
-        if src.exists():
-            shutil.copy2(src, tmp / name)
+    copy_model(ckpt, init, tmp)
     facts["sha256"] = {p.name: atomic.sha256_file(p) for p in sorted(tmp.iterdir())}
     facts["vocab"] = json.loads((tmp / "config.json").read_text())["text_config"]["vocab_size"]
     (tmp / CARD).write_text(model_card(facts))
