@@ -23,7 +23,7 @@ demo: setup
 	$(VENV)/bin/llavadi demo
 	$(PY) -m llavadi.stages.demo.report demo README.md
 
-# rebuild the demo's shipped teacher (assets/demo_teacher, about an hour on 2 cores); commit the result
+# rebuild the demo's shipped teacher (assets/demo_teacher, about 25 min on 2 cores); commit the result
 demo-teacher: setup
 	$(PY) -m llavadi.stages.demo.teacher_builder demo_teacher_build assets/demo_teacher
 

@@ -109,10 +109,9 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(d)
 
 
-def publish_dir(tmp: Path, final: Path, keep: int) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
     """Make the fully written directory ``tmp`` appear as ``final`` in one rename (after an fsync of its
-    tree), replacing an older ``final``, then keep only the newest ``keep`` siblings named like it
-    (``step_*`` checkpoints; names sort by age)."""
+    tree); an older ``final`` is removed only now, so a crash leaves one of the two complete."""
     import shutil
 
     fsync_tree(tmp)
@@ -120,6 +119,14 @@ def publish_dir(tmp: Path, final: Path, keep: int) -> None:
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+def publish_dir(tmp: Path, final: Path, keep: int) -> None:
+    """``replace_dir``, then keep only the newest ``keep`` siblings named like ``final``
+    (``step_*`` checkpoints; names sort by age)."""
+    import shutil
+
+    replace_dir(tmp, final)
     prefix = final.name.split("_")[0] + "_"
     for old in sorted(p for p in final.parent.glob(f"{prefix}*") if TMP_MARK not in p.name)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -211,7 +211,8 @@ def build_student(root: Path, teacher: Path, prof: DemoProfile, base: list[str])
 
     from ...models.prompts import LLAVA_V1_SYSTEM
     from . import synthetic_vqa, tiny_models
-    from .steps import copy_model, publish, scratch_dir, sft
+    from ...pipeline import atomic
+    from .steps import copy_model, scratch_dir, sft
     from .vision_pretrain import pretrain_vision_dir
 
     models, data = root / "models", root / "synthetic"
@@ -231,7 +232,7 @@ def build_student(root: Path, teacher: Path, prof: DemoProfile, base: list[str])
                batch=prof.student_batch, lr=prof.student_lr, freeze_vision=True)
     tmp = scratch_dir(out)
     copy_model(ckpt, vision, tmp)
-    publish(tmp, out)
+    atomic.replace_dir(tmp, out)
     return out
 
 

@@ -27,7 +27,7 @@ def stage(stage_obj, run: Path, overrides: list[str]) -> None:
 
 
 def scratch_dir(out: Path) -> Path:
-    """An empty temporary sibling of ``out`` to fill, then ``publish`` (a crash leaves ``out`` as it was)."""
+    """An empty temporary sibling of ``out`` to fill, then ``atomic.replace_dir`` (a crash leaves ``out`` as it was)."""
     import shutil
 
     from ...pipeline import atomic
@@ -36,19 +36,6 @@ def scratch_dir(out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Make the filled ``tmp`` appear as ``out`` (fsynced; an older ``out`` goes only now)."""
-    import shutil
-
-    from ...pipeline import atomic
-
-    atomic.fsync_tree(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    atomic.fsync_dir(out.parent)
 
 
 def copy_model(ckpt: Path, init: Path, dst: Path) -> None:

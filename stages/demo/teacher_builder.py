@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .steps import copy_model, evaluate_cached, publish, say, scratch_dir, sft
+from .steps import copy_model, evaluate_cached, say, scratch_dir, sft
 from .vision_pretrain import pretrain_vision_dir
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo_teacher"
@@ -86,7 +86,7 @@ def build_teacher(work: Path | str, out: Path | str = ASSET_DIR, *, size: str = 
     ev = evaluate_cached(run, ckpt, "teacher_heldout", [
         f"eval.data={json.dumps(str(data / 'teacher_heldout.json'))}", f"eval.image_root={json.dumps(str(data))}",
         "eval.max_new_tokens=6"])
-    facts = {"accuracy": ev["answers"]["accuracy"], "questions": ev["answers"].get("scored", ev["answers"].get("n")),
+    facts = {"accuracy": ev["answers"]["accuracy"], "questions": ev["answers"]["scored"],
              "train_seconds": round(train_s, 1), "size": asdict(sz), "spec": asdict(tiny_models.DEMO_TEACHER),
              "data_seed": TEACHER_DATA_SEED, "built": time.strftime("%Y-%m-%d"), "vision": facts_v}
     tmp = scratch_dir(out)
@@ -94,7 +94,7 @@ def build_teacher(work: Path | str, out: Path | str = ASSET_DIR, *, size: str = 
     facts["sha256"] = {p.name: atomic.sha256_file(p) for p in sorted(tmp.iterdir())}
     facts["vocab"] = json.loads((tmp / "config.json").read_text())["text_config"]["vocab_size"]
     (tmp / CARD).write_text(model_card(facts))
-    publish(tmp, out)  # the old teacher goes only once the new one is complete
+    atomic.replace_dir(tmp, out)  # the old teacher goes only once the new one is complete
     say(f"teacher published to {out}: {100 * facts['accuracy']:.1f} % on {sz.heldout} held-out conversations")
     return facts
 

@@ -94,7 +94,8 @@ def pretrain_vision_dir(src: Path, out: Path, steps: int, *, seed: int) -> dict:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from ...models.llava import LLAVA
-    from .steps import publish, scratch_dir
+    from ...pipeline import atomic
+    from .steps import scratch_dir
 
     model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(src)
@@ -106,5 +107,5 @@ def pretrain_vision_dir(src: Path, out: Path, steps: int, *, seed: int) -> dict:
     for extra in Path(src).glob("llavadi_*.json"):
         shutil.copy2(extra, tmp / extra.name)
     (tmp / "vision_pretrain.json").write_text(json.dumps(facts) + "\n")
-    publish(tmp, out)
+    atomic.replace_dir(tmp, out)
     return facts
