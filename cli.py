@@ -244,13 +244,14 @@ def cache_teacher(common: Common,
     flags = _teacher_flags(teacher, "cache_teacher.engine", engine)
     if common.dry_run:  # the resolved config, then the cache's size estimate as YAML comments
         from .pipeline.estimate import dry_run_report
+        from .stages.cache_probe import run_probe
 
         common.resolve(flags)  # prints the resolved config (exit 2 when it is invalid)
-        typer.echo(dry_run_report(common.run, resolve(common.run, common.config, common.run_flags() + flags,
-                                                      common.overrides)))
+        cfg = resolve(common.run, common.config, common.run_flags() + flags, common.overrides)
+        typer.echo(dry_run_report(common.run, cfg, probe=lambda: run_probe(common.run, cfg)))
         return
     if verify is not None:
-        from .stages.cache_teacher import verify_cache
+        from .stages.cache_verify import verify_cache
 
         cfg = common.resolve(flags)
         if cfg is None:

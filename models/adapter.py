@@ -34,12 +34,14 @@ class TextConversation:
 
 @dataclass
 class Encoded:
-    """A sample as the model sees it: ``ids [L]`` (image expanded), answer ``spans`` in ``ids`` and the
-    forward inputs (processor outputs the family's forward takes, tensors with batch dimension 1)."""
+    """A sample as the model sees it: ``ids [L]`` (image expanded), answer ``spans`` in ``ids``, the
+    forward inputs (processor outputs the family's forward takes, tensors with batch dimension 1) and
+    the id of the image-feature token (``Family.image_token_id``; None for a model without one)."""
 
     ids: list[int]
     spans: list[tuple[int, int]]
     inputs: dict
+    image_token_id: Optional[int] = None
 
     @property
     def positions(self) -> list[int]:
@@ -49,6 +51,32 @@ class Encoded:
     @property
     def answer_ids(self) -> list[int]:
         return [self.ids[p] for a, b in self.spans for p in range(a, b)]
+
+    @property
+    def answer_token_positions(self) -> list[int]:
+        """Positions of the answer tokens themselves (the study's answer mask: ``labels != IGNORE``)."""
+        return [p for a, b in self.spans for p in range(a, b)]
+
+    @property
+    def image_positions(self) -> list[int]:
+        """Positions that receive the vision features (``ids[p] == image_token_id``)."""
+        t = self.image_token_id
+        return [] if t is None else [p for p, x in enumerate(self.ids) if x == t]
+
+    def rows(self, kinds) -> tuple[list[int], list[int]]:
+        """(positions, kind codes) of this sample's teacher-cache rows of the given ``kinds``
+        (``schemas.teacher_cache.fields``: a row ``p`` < L-1 is ``answer`` when token ``p+1`` is an answer
+        token, else ``image`` when ``p`` is an image position, else ``prompt``), in sequence order."""
+        from ..schemas.teacher_cache.fields import KIND_ANSWER, KIND_IMAGE, KIND_PROMPT
+
+        answer, image = set(self.positions), set(self.image_positions)
+        pos, kind = [], []
+        for p in range(len(self.ids) - 1):
+            k = KIND_ANSWER if p in answer else KIND_IMAGE if p in image else KIND_PROMPT
+            if k in kinds:
+                pos.append(p)
+                kind.append(k)
+        return pos, kind
 
 
 def stop_token_ids(model_dir: str | Path, tokenizer) -> set[int]:
@@ -89,6 +117,7 @@ class ModelAdapter:
         self.renderer = PromptRenderer(self.processor, prompt_format, self.family.placeholder(self.processor),
                                        self.family.default_chat_template(self.processor))
         self.stop_ids = stop_token_ids(model_dir, self.tokenizer)
+        self.image_token_id = self.family.image_token_id(_model_config(model_dir))
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         # special-token strings a tokenizer parses as control tokens wherever they stand in a text
@@ -213,7 +242,7 @@ class ModelAdapter:
             if E != U:
                 raise Reject("token_mismatch", "the processor tokenised the text-only conversation differently "
                                                "from its tokenizer")
-            return Encoded(E, list(conv.spans), self.family.forward_inputs(out))
+            return Encoded(E, list(conv.spans), self.family.forward_inputs(out), self.image_token_id)
         a = _common_prefix(U, E)
         b = min(_common_prefix(U[::-1], E[::-1]), len(U) - a, len(E) - a)
         delta = len(E) - len(U)
@@ -226,7 +255,7 @@ class ModelAdapter:
                 spans.append((s_ + delta, e_ + delta))
             else:
                 raise Reject("token_mismatch", "an answer token lies inside the image expansion")
-        return Encoded(E, spans, self.family.forward_inputs(out))
+        return Encoded(E, spans, self.family.forward_inputs(out), self.image_token_id)
 
     def prompt_inputs(self, text: str, image) -> dict:
         """Forward inputs of a generation prompt (batch dimension 1)."""
@@ -235,6 +264,12 @@ class ModelAdapter:
     def collate(self, encoded: Sequence[dict]) -> dict:
         """Per-sample forward inputs → one right-padded batch (``models.base.collate``)."""
         return collate(encoded, self.pad_token_id)
+
+
+def _model_config(model_dir: str | Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir))
 
 
 def check_model(model_dir: str | Path, prompt_format: str, model_key: str, format_key: str

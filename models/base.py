@@ -42,6 +42,10 @@ class Family:
     # LoRA's default targets (train_student.lora.target_modules=null): leaf names of the language model's
     # attention and MLP projections; only modules inside the "lm" group are adapted (``lora_modules``)
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # the hidden states at the image positions depend only on the tokens up to them and the image (causal
+    # attention): the teacher cache may store them once per unique image (schemas/teacher_cache/image_rows.py).
+    # False where image/prefix tokens attend to later tokens (PaliGemma's prefix-LM, Gemma3's image blocks)
+    causal_image_rows: bool = True
 
     # ------------------------------------------------------------------ prompts and processor calls
 
@@ -58,6 +62,15 @@ class Family:
         out = processor(text=[text], return_tensors="pt", add_special_tokens=add_special_tokens(processor, text),
                         **kw)
         return dict(out)
+
+    def image_token_id(self, model_config) -> Optional[int]:
+        """The id of the token whose positions receive the vision features (``config.image_token_id`` or
+        ``image_token_index`` as the checkpoint's config names it): the cache's ``image`` rows."""
+        for key in ("image_token_id", "image_token_index"):
+            v = getattr(model_config, key, None)
+            if v is not None:
+                return int(v)
+        return None
 
     def default_chat_template(self, processor) -> Optional[str]:
         """The template ``prompt_format=auto`` uses when the checkpoint ships none (None: refuse)."""

@@ -89,6 +89,6 @@ class Gemma3Family(Family):
 
 GEMMA3 = Gemma3Family(name="gemma3", model_types=("gemma3",), forward_keys=("pixel_values", "token_type_ids"),
                       groups=GROUPS, vllm_cpu=VLLM_CPU_REASON,
-                      vllm_rename=("vision_tower.", "vision_model."))
+                      vllm_rename=("vision_tower.", "vision_model."), causal_image_rows=False)
 
 FAMILIES = (GEMMA3,)

@@ -208,6 +208,6 @@ class PaliGemmaFamily(Family):
 PALIGEMMA = PaliGemmaFamily(name="paligemma", model_types=("paligemma",),
                             forward_keys=("pixel_values", "token_type_ids"), groups=GROUPS,
                             vllm_cpu=VLLM_CPU_REASON, vllm_gpu=VLLM_CPU_REASON,
-                            vllm_rename=("vision_tower.", "vision_model."))
+                            vllm_rename=("vision_tower.", "vision_model."), causal_image_rows=False)
 
 FAMILIES = (PALIGEMMA,)

@@ -178,28 +178,52 @@ class RegenerateConfig:
 
 @dataclass
 class CacheTeacherConfig:
-    """``llavadi cache-teacher``: teacher-forced pass over whole conversations → teacher cache."""
+    """``llavadi cache-teacher``: teacher-forced pass over whole conversations → teacher cache. What the
+    cache holds is declared by these keys (``schemas/teacher_cache/fields.py``)."""
 
     source: Literal["regenerate", "data"] = "regenerate"  # the study's regenerated-or-original ablation
     engine: Literal["hf", "vllm"] = "hf"  # what runs the teacher-forced pass: transformers or vLLM
-    top_k: int = 64  # teacher log-probs kept per answer token (the rest is one tail bucket)
+    # rows kept: answer = positions predicting answer tokens; text = + prompt/system positions; all = + image positions
+    positions: Literal["answer", "text", "all"] = "answer"
+    # decoder layers cached per row, as output_hidden_states indexes them (-1 = final post-norm); [] = logits-only cache
+    hidden_layers: list[int] = field(default_factory=lambda: [-1])
+    logits: Literal["topk", "sampled", "none"] = "topk"  # topk: k ids + log-probs (+ tail); sampled: RS-KD draws
+    top_k: int = 64  # teacher log-probs kept per row with logits=topk (the rest is one tail bucket)
+    samples: int = 16  # tokens drawn per row with logits=sampled (RS-KD, Anshumann et al. 2025)
+    sample_temperature: float = 1.0  # proposal temperature of the draws (1 = the teacher itself: weights c/s)
+    sample_seed: int = 0  # draws are keyed by (seed, sample id, position): a rerun writes identical bytes
+    affinity: bool = False  # per image sample, the image x answer cosine block of final hidden states (fp16)
     hidden_dtype: Literal["float16", "bfloat16", "int8"] = "float16"  # hidden-state storage (int8: per-row scale)
-    logprob_dtype: Literal["float32", "float16"] = "float32"  # top-k log-prob storage
+    logprob_dtype: Literal["float32", "float16"] = "float32"  # top-k / sampled log-prob storage
     store: Literal["zarr", "webdataset"] = "zarr"  # zarr: a Zarr v3 directory per shard; webdataset: a tar per shard
     batch_size: int = 8  # conversations per forward pass (sorted by length within a window)
-    # rows whose answer tokens the size estimate counts (--dry-run, status, the launch's disk-space check):
+    # rows whose tokens the size estimate counts (--dry-run, status, the launch's disk-space check):
     # evenly spaced over the input, the rest extrapolated; 0 = every row (pipeline/estimate.py)
     estimate_rows: int = 1000
+    # samples the estimate runs the teacher on to measure compressed bytes per row (0: no teacher run,
+    # uncompressed sizes — an upper bound)
+    estimate_probe_samples: int = 8
     ignore_space_check: bool = False  # launch even when the estimated cache exceeds the free disk space
 
     def validate(self) -> list[str]:
         p = []
         if self.top_k < 1:
             p.append("cache_teacher.top_k must be >= 1")
+        if not 1 <= self.samples <= 255:
+            p.append("cache_teacher.samples must be in [1, 255]")
+        if not self.sample_temperature > 0:
+            p.append("cache_teacher.sample_temperature must be > 0")
+        if len(set(self.hidden_layers)) != len(self.hidden_layers):
+            p.append(f"cache_teacher.hidden_layers lists a layer twice: {self.hidden_layers}")
+        if not self.hidden_layers and self.logits == "none":
+            p.append("cache_teacher.hidden_layers=[] with cache_teacher.logits=none caches nothing to distil: "
+                     "keep a hidden layer or a logits field")
         if self.batch_size < 1:
             p.append("cache_teacher.batch_size must be >= 1")
         if self.estimate_rows < 0:
             p.append("cache_teacher.estimate_rows must be >= 0 (0 = every row)")
+        if self.estimate_probe_samples < 0:
+            p.append("cache_teacher.estimate_probe_samples must be >= 0 (0 = no teacher run)")
         return p
 
 

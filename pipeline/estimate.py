@@ -1,61 +1,56 @@
-"""Size of a teacher cache before it is made (issue #15 item 4): what ``llavadi cache-teacher RUN
+"""Size of a teacher cache before it is made (issues #15 item 4, #20): what ``llavadi cache-teacher RUN
 --dry-run`` and ``llavadi status RUN`` print, and the free-space check a launch makes before work.
 
-expected size = answer tokens × bytes per token + samples × bytes per sample + the teacher head file
+expected size = Σ over stored arrays (exact uncompressed bytes × compression ratio) + framing + teacher head
 
-- **Answer tokens** are counted from the input, the source stage's shards (``regenerate/`` or
-  ``data/`` per ``cache_teacher.source``), by rendering and tokenising each conversation with the
-  teacher's ``models.ModelAdapter`` — ``conversation()``, the same call that gives cache-teacher its
-  answer spans, so a counted row yields exactly the answer tokens cache-teacher caches for it. At
-  most ``cache_teacher.estimate_rows`` rows are counted (evenly spaced over the whole input, the
-  same rows every time); beyond that the mean per counted row is multiplied by the input's row
-  count and the estimate says it was extrapolated. A row the adapter rejects (``token_mismatch``,
-  ``image_placement``) counts as a rejected sample with no tokens. Not foreseen: rows that
-  cache-teacher rejects later for their image (``image_error``, ``processor_error``) or length
-  (``too_long``), so the estimate errs on the large side.
-- **Bytes per token** and **per sample** are the cache format's uncompressed array sizes
-  (``schemas.teacher_cache.token_array_bytes`` / ``sample_array_bytes``): hidden H × 2 B
-  (float16/bfloat16) or H × 1 B + a 4 B scale (int8), top-k ids 4 B × k, top-k log-probs 4 or 2 B × k,
-  ``logit_stats`` 8 B, the token id 4 B; per sample two int64 offsets + the id's bytes. The
-  WebDataset store adds its tar framing per sample (:data:`WDS_SAMPLE_OVERHEAD`).
-  Blosc/zstd compression is not modelled: on disk a shard is smaller than the estimate (the
-  tests measure the ratio; random-weight teachers' hidden states compress least).
-- **Teacher head**: ``teacher_head.safetensors`` = the output projection [V, H] in the
-  checkpoint's dtype, sized from the safetensors headers (no weights read).
+- **Rows, samples, images** are counted from the input, the source stage's shards (``regenerate/`` or
+  ``data/`` per ``cache_teacher.source``), with the teacher's ``models.ModelAdapter`` — the calls that give
+  cache-teacher its rows (``conversation()``; with ``positions`` text/all or ``affinity`` also ``encode()``
+  with the image: the processor's own image-token count, anyres included). At most
+  ``cache_teacher.estimate_rows`` input rows are counted (evenly spaced, the same rows every time), the
+  rest extrapolated. Image rows stored once per image (``positions: all``) are counted per distinct
+  ``image_sha256`` of the input. A row the adapter rejects counts as a rejected sample with no rows. Not
+  foreseen: rows cache-teacher rejects later for length (``too_long``) or a model error.
+- **Uncompressed bytes** per row and per sample follow from the field declarations
+  (``schemas.teacher_cache.CacheSpec.fields``): exact.
+- **Compression ratio** of every stored array and the stores' framing are measured by a **probe**
+  (``stages/cache_probe.py``): the teacher run on ``cache_teacher.estimate_probe_samples`` input rows through
+  the stage's own code into a scratch cache, its bytes on disk read per array
+  (``schemas.teacher_cache.sizes``). ``--dry-run`` runs the probe; a launch runs it only when the
+  uncompressed size does not fit the free space; ``status`` uses the last probe
+  (``cache_teacher/stats/estimate_probe.json``, kept while the config and teacher are the same). Without a
+  probe the estimate is the uncompressed size, an upper bound, and says so.
+- **Teacher head**: ``teacher_head.safetensors`` = the output projection [V, H] in the checkpoint's dtype,
+  sized from the safetensors headers (no weights read).
 
-Free space: ``shutil.disk_usage`` of the nearest existing folder of ``RUN/cache_teacher`` (run
-directories are local, NFS or FUSE paths: the CLI refuses object-store URLs). A launch whose
-still-to-do shards (plus the head, when not yet written) need more than that is refused before
-work unless ``cache_teacher.ignore_space_check=true``.
-
-Reads the run directory only; writes nothing. Imports nothing heavy until there is something to count.
+Free space: ``shutil.disk_usage`` of the nearest existing folder of ``RUN/cache_teacher``. A launch whose
+still-to-do shards (plus the head, when not yet written) need more than that is refused before work unless
+``cache_teacher.ignore_space_check=true``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import shutil
-import struct
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from .cache_plan import EstimateUnavailable, cache_spec, head_size
 from .config import LlavadiConfig
 from .rundir import StageDir
 
 CACHE_DIR = "cache_teacher"
 HEAD_FILE = "teacher_head.safetensors"  # = stages.cache_teacher.HEAD_FILE (pipeline never imports stages)
-# WebDataset framing per sample: a 512 B tar header, the member padded to 512 B (256 B on average),
-# the blob's magic + length (8 B), its JSON header (~230 B with 20-character ids) and a 16 B Blosc
-# header per segment (6) — about 1.1 kB, an average, not a bound. Per shard the tar adds its trailer
-# member, the end-of-archive blocks and padding to a 10 240 B record (≤ 12.3 kB; a Zarr shard's
-# metadata files are about as large): neither is counted, < 0.1 % of a shard of a few thousand samples.
-WDS_SAMPLE_OVERHEAD = 512 + 256 + 8 + 230 + 6 * 16
-_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                   "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-class EstimateUnavailable(RuntimeError):
-    """Nothing to estimate from yet (no source shards, no teacher); the message says why."""
+PROBE_FILE = "stats/estimate_probe.json"
+# framing when no probe measured it (seen on Zarr 3.1 / numcodecs 0.16): WebDataset per sample — a 512 B
+# tar header, the member padded to 512 B (256 B on average), the blob's magic + length and JSON header
+# (~300 B) and 16 B of Blosc header per part; per Zarr shard its metadata files — ~1.3 kB per sharded row
+# array, ~0.75 kB per per-sample array, ~0.6 kB for the group (the spec); an image-row entry's blob header
+WDS_SAMPLE_FRAMING = 512 + 256 + 300
+ZARR_ROW_ARRAY_FRAMING, ZARR_SAMPLE_ARRAY_FRAMING, ZARR_GROUP_FRAMING = 1300, 750, 600
+BLOB_FRAMING = 300
+__all__ = ["EstimateUnavailable", "estimate_cache", "render_lines", "space_problems", "status_estimate",
+           "dry_run_report", "human", "head_size", "probe_key"]
 
 
 def free_space(run_dir: Path | str) -> tuple[int, str]:
@@ -67,47 +62,15 @@ def free_space(run_dir: Path | str) -> tuple[int, str]:
     return int(shutil.disk_usage(p).free), str(p)
 
 
-def head_size(model_dir: str | Path) -> dict:
-    """``{"vocab_size", "hidden_size", "dtype", "bytes"}`` of the output projection that
-    cache-teacher copies into ``teacher_head.safetensors`` (``lm_head.weight`` [+ bias], else the tied
-    ``embed_tokens.weight``, as ``models.engines.common.output_head`` picks it), read from the
-    safetensors headers only. ``bytes`` = tensor bytes + the file's header (its JSON ≈ 200 B)."""
-    from ..models.engines.common import safetensors_files
-
-    d = Path(model_dir)
-    headers = {}
-    for f in safetensors_files(d):
-        with open(d / f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            headers[f] = json.loads(fh.read(n))
-    found = {}
-    for suffix, name in (("lm_head.weight", "weight"), ("lm_head.bias", "bias")):
-        for h in headers.values():
-            key = next((k for k in h if k != "__metadata__" and k.endswith(suffix)), None)
-            if key:
-                found[name] = h[key]
-                break
-    if "weight" not in found:  # tied embeddings
-        for h in headers.values():
-            key = next((k for k in h if k != "__metadata__" and k.endswith("embed_tokens.weight")), None)
-            if key:
-                found["weight"] = h[key]
-                break
-    if "weight" not in found:
-        raise EstimateUnavailable(f"no lm_head / embed_tokens weight in {d}'s safetensors")
-    V, H = (int(x) for x in found["weight"]["shape"])
-    nbytes = sum(math.prod(t["shape"]) * _ST_DTYPE_BYTES.get(t["dtype"], 4) for t in found.values())
-    return {"vocab_size": V, "hidden_size": H, "dtype": found["weight"]["dtype"], "bytes": int(nbytes) + 8 + 256}
-
-
-def _sample_positions(total: int, k: int) -> list[int]:
+def sample_positions(total: int, k: int) -> list[int]:
     """``k`` row positions evenly spaced over ``0..total-1`` (all rows when ``k`` is 0 or ≥ total)."""
     if k <= 0 or k >= total:
         return list(range(total))
     return [int((j + 0.5) * total / k) for j in range(k)]
 
 
-def _read_rows(path: Path, local: list[int]) -> list[dict]:
+def read_rows(path: Path, local: list[int],
+              columns=("id", "image", "conversations", "image_sha256", "source")) -> list[dict]:
     """Rows at the sorted positions ``local`` of one Parquet sample shard, streamed (stops after the last).
     Raises ``EstimateUnavailable`` for a shard that cannot be read: the stage's upstream check names
     that shard and its fix, and the estimate must not pre-empt it with a traceback."""
@@ -117,7 +80,9 @@ def _read_rows(path: Path, local: list[int]) -> list[dict]:
     out, base, want = [], 0, iter(local)
     nxt = next(want, None)
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["id", "image", "conversations"]):
+        f = pq.ParquetFile(path)
+        cols = [c for c in columns if c in f.schema_arrow.names]
+        for batch in f.iter_batches(batch_size=1024, columns=cols):
             n = batch.num_rows
             take = []
             while nxt is not None and nxt < base + n:
@@ -133,104 +98,195 @@ def _read_rows(path: Path, local: list[int]) -> list[dict]:
     return out
 
 
-def estimate_cache(run_dir: Path | str, cfg: LlavadiConfig, adapter=None) -> dict:
-    """The expected teacher cache of ``run_dir`` under ``cfg`` (module doc), as a JSON-able dict:
-
-    ``source``, ``rows`` (input rows in the source's done shards), ``rows_counted``, ``exact``
-    (every row counted), ``samples`` / ``answer_tokens`` (expected; counted or extrapolated),
-    ``rejected_counted`` (reason → rows among those counted), the spec (``hidden_size``, ``top_k``,
-    dtypes, ``store``), ``bytes_per_token`` (array → bytes) and ``bytes_per_token_total``,
-    ``bytes_per_sample``, ``head`` (:func:`head_size`), ``bytes_arrays`` (every stored array,
-    uncompressed), ``bytes_framing`` (WebDataset tar framing), ``bytes_expected`` (their sum + the head),
-    ``shards`` / ``shards_done`` / ``bytes_remaining`` (shards with no ``_done`` marker yet, + the
-    head file when absent), ``bytes_written`` (done shards on disk, from their stats), ``free_bytes``
-    / ``free_path`` and ``fits``. Raises :class:`EstimateUnavailable` when there is nothing to count.
-    ``adapter``: the teacher's ``ModelAdapter`` when the caller has one (else it is built)."""
-    from ..schemas.samples import Reject
-    from ..schemas.teacher_cache import CacheSpec, sample_array_bytes, token_array_bytes
-
-    run_dir = Path(run_dir)
-    c = cfg.cache_teacher
-    src = StageDir(run_dir, c.source)
+def source_rows(run_dir: Path, cfg: LlavadiConfig, k: int) -> tuple[dict, list[dict], dict]:
+    """(rows per done source shard, up to ``k`` rows evenly spaced over all of them, the source manifest)."""
+    src = StageDir(run_dir, cfg.cache_teacher.source)
     manifest = src.read_manifest()
     if manifest is None:
         raise EstimateUnavailable(f"{src.path} does not exist yet")
     shards = {i: (src.read_done(i) or {}).get("counts", {}).get("out", 0) for i in src.done_indices()}
     if not shards:
         raise EstimateUnavailable(f"{src.path} has no finished shard yet")
+    picks, start = [], 0
+    it = iter(sample_positions(sum(shards.values()), k))
+    p = next(it, None)
+    for i, n in shards.items():
+        local = []
+        while p is not None and p < start + n:
+            local.append(p - start)
+            p = next(it, None)
+        if local:
+            picks += read_rows(src.data_file(i), local)
+        start += n
+    return shards, picks, manifest
+
+
+def distinct_images(run_dir: Path, cfg: LlavadiConfig) -> int:
+    """Distinct ``image_sha256`` values of the source's done shards (one column read per shard)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    src = StageDir(run_dir, cfg.cache_teacher.source)
+    cols = [pq.read_table(src.data_file(i), columns=["image_sha256"]).column(0) for i in src.done_indices()]
+    if not cols:
+        return 0
+    import pyarrow as pa
+
+    return int(pc.count_distinct(pa.chunked_array([c for col in cols for c in col.chunks]), mode="only_valid").as_py())
+
+
+def count(run_dir: Path, cfg: LlavadiConfig, spec, adapter) -> dict:
+    """Rows by kind, samples, affinity values and sample-id bytes of the counted input rows (module doc)."""
+    from ..schemas.samples import Reject
+    from ..schemas.teacher_cache import KIND_IMAGE
+
+    shards, picks, manifest = source_rows(run_dir, cfg, cfg.cache_teacher.estimate_rows)
+    need_encode = spec.positions != "answer" or spec.affinity
+    c = {"kinds": [0, 0, 0], "samples": 0, "image_samples": 0, "image_rows": 0, "affinity": 0, "id_bytes": 0,
+         "answer_tokens": 0, "rejected": {}}
+    for row in picks:
+        try:
+            conv = adapter.conversation(row["conversations"], row["image"] is not None)
+            answers = sum(b - a for a, b in conv.spans)
+            if need_encode:
+                from ..schemas.images import load_rgb
+
+                try:
+                    image = load_rgb(cfg.ingest.image_root, row["image"]) if row["image"] is not None else None
+                except Exception as e:  # noqa: BLE001
+                    raise Reject("image_error", str(e)) from None
+                enc = adapter.encode(conv, image)
+                _, kinds = enc.rows((0, 1, 2))
+                for k in kinds:
+                    c["kinds"][k] += 1
+                n_img = kinds.count(KIND_IMAGE)
+                c["image_samples"] += 1 if n_img else 0
+                c["image_rows"] += n_img
+                c["affinity"] += n_img * answers
+            else:
+                c["kinds"][2] += answers
+        except Reject as r:
+            c["rejected"][r.reason] = c["rejected"].get(r.reason, 0) + 1
+            continue
+        c["samples"] += 1
+        c["answer_tokens"] += answers
+        c["id_bytes"] += len(row["id"].encode("utf-8"))
+    total = sum(shards.values())
+    c.update(shards=shards, total=total, counted=len(picks), scale=total / len(picks) if picks else 0.0,
+             manifest=manifest)
+    return c
+
+
+def probe_key(cfg: LlavadiConfig, spec) -> str:
+    """What a probe's ratios depend on: the cache spec, the teacher's weights identity and the source."""
+    from ..models.engines.common import weights_identity
+
+    blob = json.dumps({"spec": spec.to_meta(), "teacher": weights_identity(cfg.teacher.model),
+                       "dtype": cfg.teacher.dtype, "source": cfg.cache_teacher.source,
+                       "n": cfg.cache_teacher.estimate_probe_samples}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_probe(run_dir: Path, cfg: LlavadiConfig, spec) -> Optional[dict]:
+    p = Path(run_dir) / CACHE_DIR / PROBE_FILE
+    try:
+        probe = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return probe if probe.get("key") == probe_key(cfg, spec) else None
+
+
+def estimate_cache(run_dir: Path | str, cfg: LlavadiConfig, adapter=None,
+                   probe: Optional[Callable[[], dict]] = None) -> dict:
+    """The expected teacher cache of ``run_dir`` under ``cfg`` (module doc), as a JSON-able dict:
+    ``rows_by_kind`` / ``samples`` / ``images`` / ``answer_tokens`` (expected), ``bytes_per_row`` (stored
+    array → uncompressed bytes per row), ``ratios`` (array → measured compressed/raw, when probed),
+    ``compressed`` (a probe was used), ``bytes_expected``, ``bytes_remaining``, ``bytes_written``,
+    ``free_bytes``, ``fits`` and the counting details. ``probe``: a callable returning a fresh probe (the
+    stage's); without one a stored probe of the same config is used if there is one. Raises
+    :class:`EstimateUnavailable` when there is nothing to count."""
+    from ..schemas.teacher_cache.sizes import raw_part_bytes
+
+    run_dir = Path(run_dir)
+    src = StageDir(run_dir, cfg.cache_teacher.source)
+    if src.read_manifest() is None:
+        raise EstimateUnavailable(f"{src.path} does not exist yet")
     t = cfg.teacher.model
     if not t or not (Path(t) / "config.json").exists():
         raise EstimateUnavailable("teacher.model is not set to a model directory")
     head = head_size(t)
-    spec = CacheSpec(hidden_size=head["hidden_size"], top_k=c.top_k, hidden_dtype=c.hidden_dtype,
-                     logprob_dtype=c.logprob_dtype, store=c.store)
+    spec = cache_spec(cfg, head)
     if adapter is None:
         from ..models.engines.common import teacher_adapter
 
         adapter = teacher_adapter(cfg.teacher)
-
-    # count: evenly spaced rows over the concatenation of the shards, in shard order
-    total = sum(shards.values())
-    positions = _sample_positions(total, c.estimate_rows)
-    by_shard: dict[int, list[int]] = {}
-    start = 0
-    it = iter(positions)
-    p = next(it, None)
-    for i, n in shards.items():
-        while p is not None and p < start + n:
-            by_shard.setdefault(i, []).append(p - start)
-            p = next(it, None)
-        start += n
-    tokens = kept = id_bytes = 0
-    rejected: dict[str, int] = {}
-    for i, local in by_shard.items():
-        for row in _read_rows(src.data_file(i), local):
-            try:
-                conv = adapter.conversation(row["conversations"], row["image"] is not None)
-            except Reject as r:
-                rejected[r.reason] = rejected.get(r.reason, 0) + 1
-                continue
-            tokens += sum(b - a for a, b in conv.spans)
-            kept += 1
-            id_bytes += sample_array_bytes(row["id"])
-    counted = len(positions)
-    scale = total / counted if counted else 0.0
-    per_token = token_array_bytes(spec)
-    bpt = sum(per_token.values())
-    bps = id_bytes / kept if kept else 16.0
-    framing = WDS_SAMPLE_OVERHEAD if c.store == "webdataset" else 0
-    # per shard, in proportion to its rows (exact per shard when every row was counted)
-    exp_tokens, exp_samples = tokens * scale, kept * scale
+    c = count(run_dir, cfg, spec, adapter)
+    s = c["scale"]
+    kinds = [k * s for k in c["kinds"]]
+    own_rows = sum(kinds[k] for k in spec.kinds if not (k == 0 and spec.image_rows_separate))
+    images = float(distinct_images(run_dir, cfg)) if spec.image_rows_separate and c["image_samples"] else 0.0
+    img_rows = images * (c["image_rows"] / c["image_samples"]) if c["image_samples"] else 0.0
+    samples, n_shards = c["samples"] * s, len(c["shards"])
+    aff_values = c["affinity"] * s if spec.affinity else 0.0
+    pr = probe() if probe is not None else load_probe(run_dir, cfg, spec)
+    raw = raw_part_bytes(spec)
+    ratio = dict.fromkeys(raw, 1.0)
+    img_ratio = dict(ratio)
+    n_parts = len(raw) + 3 + 2 * len(spec.sample_fields())
+    if pr:
+        for name, b in raw.items():
+            if pr["own_rows"] and name in pr["parts"]:
+                ratio[name] = pr["parts"][name] / (pr["own_rows"] * b)
+            if pr["image_rows"] and name in pr["image_parts"]:
+                img_ratio[name] = pr["image_parts"][name] / (pr["image_rows"] * b)
+        sample_b = pr["sample_bytes"] / max(1, pr["samples"])
+        aff_b = pr["parts"].get("affinity", 0) / pr["affinity"] if pr.get("affinity") else 2.0
+        per_sample_framing = pr["framing"] / max(1, pr["samples"]) if spec.store == "webdataset" else 0.0
+        per_shard_framing = pr["framing"] if spec.store == "zarr" else 0.0
+        entry_framing = pr["image_framing"] / pr["images"] if pr.get("images") else BLOB_FRAMING
+    else:  # uncompressed: every stored array's raw bytes, framing from the constants above
+        sample_b = (16 + (c["id_bytes"] / c["samples"] if c["samples"] else 0.0)
+                    + (36 if spec.image_rows_separate else 0) + (8 if spec.affinity else 0))
+        aff_b = 2.0
+        per_sample_framing = WDS_SAMPLE_FRAMING + 16 * n_parts if spec.store == "webdataset" else 0.0
+        per_shard_framing = (ZARR_ROW_ARRAY_FRAMING * len(raw) + ZARR_SAMPLE_ARRAY_FRAMING * (n_parts - len(raw))
+                             + ZARR_GROUP_FRAMING) if spec.store == "zarr" else 10240.0
+        entry_framing = BLOB_FRAMING + 16 * len(raw)
+    row_bytes = sum(raw[k] * ratio[k] for k in raw)
+    img_row_bytes = sum(raw[k] * img_ratio[k] for k in raw)
+    shard_total = own_rows * row_bytes + samples * (sample_b + per_sample_framing) + aff_values * aff_b
+    image_total = img_rows * img_row_bytes + images * entry_framing
 
     def shard_bytes(n_rows: int) -> float:
-        f = n_rows / total if total else 0.0
-        return f * (exp_tokens * bpt + exp_samples * (bps + framing)) + 16  # + the offsets arrays' extra entry
+        f = n_rows / c["total"] if c["total"] else 0.0
+        return f * (shard_total + image_total) + per_shard_framing
 
     cache = StageDir(run_dir, CACHE_DIR, spec.ext)
     done = set(cache.done_indices())
-    todo = [i for i in shards if i not in done]
-    expected = sum(shard_bytes(n) for n in shards.values()) + head["bytes"]
-    remaining = sum(shard_bytes(shards[i]) for i in todo) + (0 if (cache.path / HEAD_FILE).exists() else head["bytes"])
+    todo = [i for i in c["shards"] if i not in done]
+    expected = sum(shard_bytes(n) for n in c["shards"].values()) + head["bytes"]
+    remaining = sum(shard_bytes(c["shards"][i]) for i in todo) + (0 if (cache.path / HEAD_FILE).exists() else head["bytes"])
     written = 0
     for i in done:
         try:
-            written += int(json.loads(cache.stats_file(i).read_text()).get("bytes") or 0)
+            st = json.loads(cache.stats_file(i).read_text())
+            written += int(st.get("bytes") or 0) + int(st.get("image_bytes_written") or 0)
         except (OSError, ValueError):
             pass
     free, where = free_space(run_dir)
-    return {"source": c.source, "source_complete": bool(manifest.get("complete")),
-            "source_shards": len(shards), "rows": total, "rows_counted": counted, "exact": counted == total,
-            "samples": round(exp_samples), "answer_tokens": round(exp_tokens),
-            "answer_tokens_per_sample": round(tokens / kept, 2) if kept else 0.0,
-            "rejected_counted": dict(sorted(rejected.items())),
-            "hidden_size": spec.hidden_size, "top_k": spec.top_k, "hidden_dtype": spec.hidden_dtype,
-            "logprob_dtype": spec.logprob_dtype, "store": spec.store,
-            "bytes_per_token": per_token, "bytes_per_token_total": bpt, "bytes_per_sample": round(bps, 1),
-            "bytes_framing_per_sample": framing, "head": head, "compressed": False,
-            "bytes_arrays": int(round(exp_tokens * bpt + exp_samples * bps + 16 * len(shards))),
-            "bytes_framing": int(round(exp_samples * framing)), "bytes_expected": int(round(expected)),
-            "shards": len(shards), "shards_done": len(done & set(shards)), "bytes_remaining": int(round(remaining)),
-            "bytes_written": written, "free_bytes": free, "free_path": where, "fits": remaining <= free}
+    return {"source": cfg.cache_teacher.source, "source_complete": bool(c["manifest"].get("complete")),
+            "source_shards": n_shards, "rows": c["total"], "rows_counted": c["counted"],
+            "exact": c["counted"] == c["total"], "samples": round(samples), "answer_tokens": round(c["answer_tokens"] * s),
+            "answer_tokens_per_sample": round(c["answer_tokens"] / c["samples"], 2) if c["samples"] else 0.0,
+            "rows_by_kind": {"image": round(kinds[0]), "prompt": round(kinds[1]), "answer": round(kinds[2])},
+            "rows_stored": round(own_rows), "images": round(images), "image_rows_stored": round(img_rows),
+            "rejected_counted": dict(sorted(c["rejected"].items())), "spec": spec.to_meta(),
+            "bytes_per_row": raw, "bytes_per_row_total": sum(raw.values()), "bytes_per_row_disk": round(row_bytes, 1),
+            "ratios": {k: round(v, 4) for k, v in ratio.items()} if pr else {}, "compressed": bool(pr),
+            "probe_samples": pr["samples"] if pr else 0, "head": head,
+            "bytes_expected": int(round(expected)), "shards": n_shards, "shards_done": len(done & set(c["shards"])),
+            "bytes_remaining": int(round(remaining)), "bytes_written": written, "free_bytes": free,
+            "free_path": where, "fits": int(round(remaining)) <= free}
 
 
 def human(n: float) -> str:
@@ -246,26 +302,26 @@ def render_lines(e: dict) -> list[str]:
     """``estimate_cache``'s dict as the lines the CLI prints."""
     if "unavailable" in e:
         return [f"cache-teacher estimate: not available ({e['unavailable']})"]
-    parts = {"token_ids": "token id 4 B",
-             "hidden": f"hidden {e['hidden_size']}×{e['bytes_per_token']['hidden'] // e['hidden_size']} B ({e['hidden_dtype']})",
-             "hidden_scale": "int8 scale 4 B",
-             "topk_ids": f"top-k ids 4 B×{e['top_k']}",
-             "topk_logprobs": f"top-k log-probs {e['bytes_per_token']['topk_logprobs'] // e['top_k']} B×{e['top_k']} ({e['logprob_dtype']})",
-             "logit_stats": "logit stats 8 B"}
+    sp = e["spec"]
     how = ("every row counted" if e["exact"] else
-           f"{e['rows_counted']:,} of {e['rows']:,} rows counted (evenly spaced, cache_teacher.estimate_rows), "
+           f"{e['rows_counted']:,} of {e['rows']:,} input rows counted (evenly spaced, cache_teacher.estimate_rows), "
            f"extrapolated")
     rej = ", ".join(f"{k}={v}" for k, v in e["rejected_counted"].items())
+    k = e["rows_by_kind"]
+    per_row = " + ".join(f"{name} {b:g} B" for name, b in e["bytes_per_row"].items())
     h = e["head"]
+    size = (f"compressed as measured on {e['probe_samples']} probe sample(s)" if e["compressed"] else
+            "UNCOMPRESSED (no probe: an upper bound; `llavadi cache-teacher RUN --dry-run` measures compression)")
     lines = [
         f"cache-teacher estimate (input {e['source']}/, {e['source_shards']} shard(s){'' if e['source_complete'] else ', INCOMPLETE'}):",
-        f"  answer tokens      {e['answer_tokens']:,} in {e['samples']:,} samples "
-        f"({e['answer_tokens_per_sample']} per sample; {how}{'; rejected while counting: ' + rej if rej else ''})",
-        f"  bytes per token    {e['bytes_per_token_total']:,} B = " + " + ".join(parts[k] for k in e["bytes_per_token"]),
-        f"  bytes per sample   {e['bytes_per_sample']:,} B (offsets + id)"
-        + (f" + {e['bytes_framing_per_sample']:,} B WebDataset tar framing" if e["bytes_framing_per_sample"] else ""),
+        f"  samples            {e['samples']:,} ({e['answer_tokens']:,} answer tokens, {e['answer_tokens_per_sample']} per "
+        f"sample; {how}{'; rejected while counting: ' + rej if rej else ''})",
+        f"  rows (positions={sp['positions']})  {e['rows_stored']:,} in the shards (answer {k['answer']:,}, prompt "
+        f"{k['prompt']:,}, image {k['image']:,})"
+        + (f"; image rows once per image: {e['images']:,} images, {e['image_rows_stored']:,} rows" if e["images"] else ""),
+        f"  bytes per row      {e['bytes_per_row_total']:g} B uncompressed = {per_row}; {e['bytes_per_row_disk']:g} B on disk",
         f"  teacher head       {human(h['bytes'])} ({h['vocab_size']}×{h['hidden_size']} {h['dtype']})",
-        f"  expected cache     {human(e['bytes_expected'])} ({e['store']}, uncompressed: before Blosc/zstd, which makes it smaller on disk)",
+        f"  expected cache     {human(e['bytes_expected'])} ({sp['store']}, {size})",
         f"  still to write     {human(e['bytes_remaining'])} ({e['shards'] - e['shards_done']} of {e['shards']} shard(s)"
         + (f"; {human(e['bytes_written'])} written so far" if e["shards_done"] else "") + ")",
         f"  free space         {human(e['free_bytes'])} at {e['free_path']}" + ("" if e["fits"] else "  — DOES NOT FIT"),
@@ -273,30 +329,34 @@ def render_lines(e: dict) -> list[str]:
     return lines
 
 
-def space_problems(run_dir: Path | str, cfg: LlavadiConfig, adapter=None) -> list[str]:
-    """A launch's free-space check (cache-teacher's preflight): one problem naming the sizes and
-    ``cache_teacher.ignore_space_check`` when the still-to-do shards cannot fit, else none (also
-    when there is nothing to estimate from: the other preflight checks report that)."""
+def space_problems(run_dir: Path | str, cfg: LlavadiConfig, adapter=None,
+                   probe: Optional[Callable[[], dict]] = None) -> list[str]:
+    """A launch's free-space check (cache-teacher's preflight): the uncompressed size first (no teacher
+    run); when that does not fit, the compressed estimate (``probe``); one problem naming the sizes and
+    ``cache_teacher.ignore_space_check`` when the still-to-do shards cannot fit, else none (also when there
+    is nothing to estimate from: the other preflight checks report that)."""
     if cfg.cache_teacher.ignore_space_check:
         return []
     try:
         e = estimate_cache(run_dir, cfg, adapter)
+        if not e["fits"] and probe is not None and cfg.cache_teacher.estimate_probe_samples and not e["compressed"]:
+            e = estimate_cache(run_dir, cfg, adapter, probe)
     except EstimateUnavailable:
         return []
     if e["fits"]:
         return []
     how = "counted" if e["exact"] else f"extrapolated from {e['rows_counted']:,} of {e['rows']:,} rows"
+    size = "compressed as a probe measured it" if e["compressed"] else "uncompressed"
     return [f"not enough disk space: the teacher cache needs about {human(e['bytes_remaining'])} for its "
-            f"{e['shards'] - e['shards_done']} shard(s) still to do ({e['answer_tokens']:,} answer tokens, {how}, "
-            f"× {e['bytes_per_token_total']:,} B/token uncompressed + ids + teacher head) but {e['free_path']} has "
-            f"{human(e['free_bytes'])} free. Free space there or use a run directory on a larger disk; compression "
-            f"makes the cache smaller than this estimate, so to launch anyway set cache_teacher.ignore_space_check=true"]
+            f"{e['shards'] - e['shards_done']} shard(s) still to do ({e['rows_stored']:,} rows, {how}, {size}, + "
+            f"teacher head) but {e['free_path']} has {human(e['free_bytes'])} free. Free space there or use a run "
+            f"directory on a larger disk; to launch anyway set cache_teacher.ignore_space_check=true"]
 
 
 def status_estimate(run_dir: Path | str, cache_complete: bool) -> Optional[dict]:
     """For ``llavadi status``: the estimate while the run's cache-teacher has not finished (None once
     it has, or while the run has no ``config.yaml``, no ``teacher.model`` or no source shards yet);
-    ``{"unavailable": why}`` when it cannot be made."""
+    ``{"unavailable": why}`` when it cannot be made. Uses the last probe, never runs the teacher."""
     run_dir = Path(run_dir)
     if cache_complete or not (run_dir / "config.yaml").exists():
         return None
@@ -313,11 +373,11 @@ def status_estimate(run_dir: Path | str, cache_complete: bool) -> Optional[dict]
         return {"unavailable": f"{type(e).__name__}: {e}"}
 
 
-def dry_run_report(run_dir: Path | str, cfg: LlavadiConfig) -> str:
+def dry_run_report(run_dir: Path | str, cfg: LlavadiConfig, probe: Optional[Callable[[], dict]] = None) -> str:
     """``cache-teacher --dry-run``'s estimate: :func:`render_lines` as YAML comments, so the output
     (resolved config + estimate) still parses as YAML."""
     try:
-        e = estimate_cache(run_dir, cfg)
+        e = estimate_cache(run_dir, cfg, probe=probe if cfg.cache_teacher.estimate_probe_samples else None)
     except EstimateUnavailable as ex:
         e = {"unavailable": str(ex)}
     lines = render_lines(e)

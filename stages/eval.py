@@ -356,16 +356,27 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], reje
     n = samples = 0
     rejects = [] if rejects is None else rejects
     batch: list = []
+    head_t = _teacher_head(cache_dir)
+    kl_from = None  # "topk" (top-k + tail bucket) or "exact" (the cached final hidden states + teacher head)
 
     def run(items):
-        nonlocal kl, ce, n
+        nonlocal kl, ce, n, kl_from
         mb = ds.collate(items)
         with torch.inference_mode():
             out = model.model(**mb["inputs"])
             h = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[mb["rows"]]
             logits = model.get_output_embeddings()(h).float()
             ce += float(torch.nn.functional.cross_entropy(logits, mb["targets"], reduction="sum"))
-            kl += float(losses.topk_kd_loss(logits, mb["t_topk_ids"], mb["t_topk_logprobs"], reduction="sum"))
+            if "t_topk_ids" in mb:
+                kl_from = "topk"
+                kl += float(losses.topk_kd_loss(logits, mb["t_topk_ids"], mb["t_topk_logprobs"], reduction="sum"))
+            elif "t_hidden" in mb and head_t is not None and head_t["weight"].shape[0] == logits.shape[1]:
+                kl_from = "exact"
+                t = mb["t_hidden"].float() @ head_t["weight"].float().T
+                if head_t.get("bias") is not None:
+                    t = t + head_t["bias"].float()
+                kl += float(torch.nn.functional.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(t, -1),
+                                                       log_target=True, reduction="sum"))
         n += len(mb["targets"])
 
     for it in stream_samples(run_dir, st, rejects):
@@ -383,8 +394,23 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], reje
     out = {"cache": str(cache_dir), "cache_samples": samples, "answer_tokens": n,
            "cache_rejected": len(rejects), "cache_rejects": _reason_counts(rejects)}
     if n:  # never a score over nothing
-        out.update(kl_to_teacher=kl / n, perplexity=math.exp(ce / n))
+        out["perplexity"] = math.exp(ce / n)
+        if kl_from:
+            out.update(kl_to_teacher=kl / n, kl_from=kl_from)
+        else:
+            out["kl_unavailable"] = ("the cache holds neither top-k log-probs nor final hidden states the model's "
+                                     "vocabulary can use (cache_teacher.logits / hidden_layers)")
     return out
+
+
+def _teacher_head(cache_dir: str):
+    """The cache's ``teacher_head.safetensors`` (``{"weight"[, "bias"]}``) or None."""
+    p = Path(cache_dir) / "teacher_head.safetensors"
+    if not p.exists():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(p)
 
 
 def _cache_image_problem(image_root: Optional[str], row: dict):
@@ -460,7 +486,7 @@ def evaluate(run_dir: Path | str, cfg: LlavadiConfig, model_dir: str, name: Opti
         c = cache_scores(model_dir, cfg.eval.cache, root, crej, eval_prompt_format(cfg))
         atomic.write_jsonl(files["cache_rejects"], crej)
         c.update(image_root=root, image_root_from=where, rejects_file=str(files["cache_rejects"]))
-        if "kl_to_teacher" not in c:
+        if "perplexity" not in c:
             problems.append(f"no sample of the teacher cache {cfg.eval.cache} could be scored "
                             f"({len(crej)} rejected: {', '.join(f'{k} {v}' for k, v in c['cache_rejects'].items())}); "
                             f"see {files['cache_rejects']}")
@@ -489,9 +515,10 @@ def summary(res: dict, run_dir: Path | str) -> str:
         lines.append(f"  answers: {head}; {rej(a['rejects'], a['rejected'], a['rejects_file'])}; "
                      f"answers → {a['answers_file']}")
     if c:
-        head = (f"KL to teacher {c['kl_to_teacher']:.4f}, perplexity {c['perplexity']:.3f} over "
-                f"{c['answer_tokens']} answer tokens of {c['cache_samples']} samples" if "kl_to_teacher" in c
-                else "no score: no sample could be scored")
+        kl = f"KL to teacher {c['kl_to_teacher']:.4f}, " if "kl_to_teacher" in c else ""
+        head = (f"{kl}perplexity {c['perplexity']:.3f} over {c['answer_tokens']} answer tokens of "
+                f"{c['cache_samples']} samples" + (f" (no KL: {c['kl_unavailable']})" if "kl_unavailable" in c else "")
+                if "perplexity" in c else "no score: no sample could be scored")
         lines.append(f"  teacher cache: {head}; {rej(c['cache_rejects'], c['cache_rejected'], c['rejects_file'])}")
     for p in res.get("problems", []):
         lines.append(f"  problem: {p}")
@@ -528,6 +555,12 @@ def preflight(cfg: LlavadiConfig, model_dir: Optional[str]) -> list[str]:
         if not os.path.exists(os.path.join(cfg.eval.cache, "index.json")):
             p.append(f"eval.cache {cfg.eval.cache} has no index.json: run `llavadi cache-teacher` on the held-out run first")
         else:
+            from ..schemas.teacher_cache import CacheVersionError, read_index
+
+            try:
+                read_index(cfg.eval.cache)
+            except CacheVersionError as e:
+                p.append(str(e))
             root, where = cache_image_root(cfg)
             if root and not os.path.isdir(root):
                 p.append(f"image root of --cache {root} (from {where}) is not a directory: pass --cache-image-root DIR")

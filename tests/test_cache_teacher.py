@@ -102,7 +102,7 @@ def test_cache_equals_independent_hf_forward(hf_cache, small, tiny_teacher):
     m = idx["meta"]
     assert (m["hidden_size"], m["top_k"], m["vocab_size"], m["source"]) == (256, K, 32064, "data")
     assert len(m["tokenizer_sha256"]) == 16 and len(m["chat_template_sha256"]) == 16 and m["teacher"]["weights"]
-    assert sum(s["n_tokens"] for s in idx["shards"]) == sum(len(s["token_ids"]) for s in samples)
+    assert sum(s["n_rows"] for s in idx["shards"]) == sum(len(s["token_ids"]) for s in samples)
     st = status_json(hf_cache)["stages"]["cache_teacher"]
     assert st["complete"] and st["samples"]["out"] == 18
 
@@ -124,13 +124,20 @@ def test_exact_kd_from_hidden_and_teacher_head(hf_cache, small, tiny_teacher):
 
 
 @pytest.mark.vllm
-def test_hf_and_vllm_engines_agree(hf_cache, small, tmp_path, tiny_teacher):
-    run = fresh(small, tmp_path)
-    cache(run, tiny_teacher, "--engine", "vllm", "cache_teacher.hidden_dtype=float16")
-    a, b = list(CacheReader(hf_cache / "cache_teacher")), list(CacheReader(run / "cache_teacher"))
+def test_hf_and_vllm_engines_agree(small, tmp_path, tiny_teacher):
+    """Every position kind and the affinity block, vLLM's pooling runner vs transformers (llava-1.5)."""
+    runs = {}
+    for engine in ("hf", "vllm"):
+        runs[engine] = fresh(small, tmp_path, engine)
+        cache(runs[engine], tiny_teacher, "--engine", engine, "cache_teacher.positions=all", "cache_teacher.affinity=true")
+    a, b = list(CacheReader(runs["hf"] / "cache_teacher")), list(CacheReader(runs["vllm"] / "cache_teacher"))
     assert [x["sample_id"] for x in a] == [x["sample_id"] for x in b]
+    assert {k for x in a for k in x["kind"].tolist()} == {0, 1, 2}
     for x, y in zip(a, b):
-        assert x["token_ids"].tolist() == y["token_ids"].tolist()
+        for key in ("position", "kind", "token_ids"):
+            assert x[key].tolist() == y[key].tolist()
+        np.testing.assert_allclose(x["affinity"], y["affinity"], atol=2e-3)
+        np.testing.assert_allclose(x["logit_stats"], y["logit_stats"], atol=1e-3, rtol=1e-4)
         assert [set(r) for r in x["topk_ids"].tolist()] == [set(r) for r in y["topk_ids"].tolist()]
         order = lambda s: np.take_along_axis(s["topk_logprobs"], np.argsort(s["topk_ids"], -1), -1)  # noqa: E731
         assert np.abs(order(x) - order(y)).max() <= 1e-3
@@ -184,5 +191,102 @@ def test_sigkill_then_rerun_is_identical(hf_cache, small, tmp_path, tiny_teacher
 def test_verify_reports_small_errors(hf_cache, tiny_teacher):
     p = cli("cache-teacher", hf_cache, "--verify", "4")
     rep = json.loads(p.stdout[p.stdout.index("{"):])
-    assert rep["samples_checked"] == 4 and rep["token_ids_equal"] and rep["topk_id_agreement"] == 1.0
+    assert rep["samples_checked"] == 4 and rep["rows_equal"] and rep["topk_id_agreement"] == 1.0
     assert rep["hidden_max_abs"] < 5e-3 and rep["topk_logprobs_max_abs"] < 1e-4
+
+
+# ------------------------------------------------------------------ declared fields (issue #20)
+SAMPLED = ("cache_teacher.positions=all", "cache_teacher.logits=sampled", "cache_teacher.samples=16",
+           "cache_teacher.hidden_layers=[]", "cache_teacher.affinity=true", "cache_teacher.store=webdataset")
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """36 conversations ingested: > 2000 rows at every position."""
+    from llavadi.stages.demo.synthetic_vqa import generate
+
+    root = tmp_path_factory.mktemp("many")
+    train = generate(root, 36, seed=8)
+    run = root / "base"
+    cli("ingest", run, "--input", train, "--image-root", root, "--shard-size", "12", "--executor", "local")
+    return run, root
+
+
+@pytest.fixture(scope="module")
+def sampled_cache(many, tmp_path_factory, tiny_teacher):
+    run = fresh(many, tmp_path_factory.mktemp("sampled"))
+    cache(run, tiny_teacher, *SAMPLED)
+    return run
+
+
+def test_sampled_logits_estimate_the_teacher_distribution(sampled_cache, many, tiny_teacher):
+    """RS-KD: the sampled tokens' CE to a fixed random student, averaged over every cached row (image,
+    prompt and answer rows), is within 3 % of the exact CE(teacher, student) from the model's own logits."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llavadi.models.adapter import ModelAdapter
+    from llavadi.schemas.samples import iter_samples
+
+    _, root = many
+    proc = AutoProcessor.from_pretrained(tiny_teacher)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    ad = ModelAdapter(tiny_teacher, "auto")
+    rows = {r["id"]: r for f in sorted((sampled_cache / "data").glob("part-*.parquet")) for r in iter_samples(f)}
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32064, 256, generator=g, dtype=torch.float64) / 16  # the fixed random student's head
+    est, exact, n = 0.0, 0.0, 0
+    meta = json.loads((sampled_cache / "cache_teacher" / "index.json").read_text())["meta"]
+    assert [f["name"] for f in meta["fields"]] == ["position", "kind", "token_ids", "sampled_ids", "logit_stats",
+                                                  "affinity", "image_key"]
+    for s in CacheReader(sampled_cache / "cache_teacher"):
+        row = rows[s["sample_id"]]
+        conv = ad.conversation(row["conversations"], row["image"] is not None)
+        kw = {"images": [Image.open(root / row["image"]).convert("RGB")]} if row["image"] else {}
+        inp = proc(text=[conv.text], return_tensors="pt", **kw)
+        with torch.no_grad():
+            out = model(**inp, output_hidden_states=True)
+        L = inp["input_ids"].shape[1]
+        assert s["position"].tolist() == list(range(L - 1)) and s["sampled_ids"].shape == (L - 1, 16)
+        p = torch.softmax(out.logits[0, :L - 1].double(), -1)
+        logq = torch.log_softmax(out.hidden_states[-1][0, :L - 1].double() @ W.T, -1)
+        exact += float(-(p * logq).sum())
+        est += float(-logq.gather(1, torch.from_numpy(s["sampled_ids"]).long()).mean(-1).sum())
+        n += L - 1
+    assert n >= 2000
+    assert abs(est - exact) / exact < 0.03, (est / n, exact / n)
+
+
+def test_sampled_cache_is_seeded_and_resumes_byte_identical(sampled_cache, many, tmp_path, tiny_teacher):
+    """Kill mid-stage (an image-row entry written, a shard not finished) then rerun: exactly the bytes of
+    the uninterrupted run, image rows included; another sample_seed draws other tokens."""
+    run = fresh(many, tmp_path)
+    images = run / "cache_teacher" / "image_rows"
+    rc = kill_when(["cache-teacher", run, "--teacher", tiny_teacher, "--executor", "local", "cache_teacher.source=data",
+                    f"cache_teacher.top_k={K}", *SAMPLED],
+                   lambda: images.exists() and any(images.rglob("*.tcblob")))
+    assert rc == -signal.SIGKILL
+    cache(run, tiny_teacher, *SAMPLED)
+    got, want = tree_bytes(run / "cache_teacher"), tree_bytes(sampled_cache / "cache_teacher")
+    assert got.keys() == want.keys() and any(k.startswith("image_rows/") for k in got)
+    assert got == want
+    other = fresh(many, tmp_path, "other")
+    cache(other, tiny_teacher, *SAMPLED, "cache_teacher.sample_seed=1")
+    a = next(iter(CacheReader(other / "cache_teacher")))
+    b = next(iter(CacheReader(sampled_cache / "cache_teacher")))
+    assert a["sample_id"] == b["sample_id"] and (a["sampled_ids"] != b["sampled_ids"]).any()
+
+
+def test_logits_only_cache_refuses_feature_loss_and_hidden_layers_on_vllm(sampled_cache, tmp_path, tiny_teacher):
+    """A loss that reads a field the cache lacks is refused before training, naming the key; an
+    intermediate layer through vLLM is refused before work with the reason."""
+    from llavadi.stages.demo.tiny_models import STUDENT, build_tiny_llava
+
+    student = build_tiny_llava(tmp_path / "student", STUDENT)
+    p = cli("train-student", sampled_cache, "--student", student, "train_student.feature_weight=1",
+            "train_student.max_steps=1", check=False)
+    assert p.returncode != 0 and "cache_teacher.hidden_layers=[-1]" in p.stderr and "--force" in p.stderr
+    copy = tmp_path / "copy"
+    shutil.copytree(sampled_cache, copy)
+    p = cli("cache-teacher", copy, "--engine", "vllm", "cache_teacher.hidden_layers=[-1,2]", "--force", check=False)
+    assert p.returncode != 0 and "pooling runner" in p.stderr and "cache_teacher.engine=hf" in p.stderr

@@ -130,7 +130,9 @@ def test_family_through_every_stage(case, family_data, tmp_path, tmp_path_factor
 
     teacher, student = built(case, "teacher", tmp_path_factory), built(case, "student", tmp_path_factory)
     run = tmp_path / "run"
-    cfg = _cfg(run, family_data, teacher, student)
+    # every row kind, two hidden layers, the affinity block; the two stores alternate over the families
+    store = "webdataset" if sorted(CASES).index(case) % 2 else "zarr"
+    cfg = _cfg(run, family_data, teacher, student, **ALL_FIELDS, **{"cache_teacher.store": store})
     res = run_pipeline(run, cfg)
 
     # nothing lost on the way: all 6 records ingested, regenerated, cached
@@ -142,12 +144,13 @@ def test_family_through_every_stage(case, family_data, tmp_path, tmp_path_factor
     assert ev["teacher_cache"]["cache_samples"] == 6 and np.isfinite(ev["teacher_cache"]["kl_to_teacher"])
 
     # cached values = an independent teacher forward on the processor's own outputs for the rendered
-    # conversation; answer positions found by searching the cached answer ids in its input_ids
+    # conversation: every position (kind by the model config's image token and the answer ids found in
+    # its input_ids), both hidden layers, top-k, logit statistics and the affinity block
     ad = ModelAdapter(teacher, "auto")
     model = AutoModelForImageTextToText.from_pretrained(teacher, dtype=torch.float32).eval()
     rows = {r["id"]: r for r in _regen_rows(run)}
     reader = CacheReader(run / "cache_teacher")
-    seen = 0
+    seen, image_rows = 0, 0
     for entry in reader.shards:
         for s in reader.iter_shard(entry):
             row = rows[s["sample_id"]]
@@ -156,17 +159,18 @@ def test_family_through_every_stage(case, family_data, tmp_path, tmp_path_factor
             raw = _raw_inputs(case, ad.processor, conv.text, image)
             with torch.inference_mode():
                 out = model(**raw, output_hidden_states=True)
-            ids = raw["input_ids"][0].tolist()
-            want = s["token_ids"].tolist()
-            pos = _find_answer_positions(ids, conv, ad)
-            assert [ids[p + 1] for p in pos] == want
-            h = out.hidden_states[-1][0, pos].numpy()
-            np.testing.assert_allclose(np.asarray(s["hidden"], dtype=np.float32), h, atol=2e-2, rtol=1e-2)
-            top = torch.log_softmax(out.logits[0, pos].float(), -1).topk(4, -1)
-            assert (np.asarray(s["topk_ids"])[:, 0] == top.indices[:, 0].numpy()).all()
-            np.testing.assert_allclose(np.asarray(s["topk_logprobs"], dtype=np.float32), top.values.numpy(), atol=1e-3)
+            image_rows += check_all_rows(s, raw["input_ids"][0].tolist(), out, _find_answer_positions(
+                raw["input_ids"][0].tolist(), conv, ad), _image_token_id(teacher), k=4)
             seen += 1
-    assert seen == 6
+    assert seen == 6 and image_rows > 0
+    # image rows stored once per image (sq.png, wide.png, tall.png; "sq" and "sq2" share one) for causal
+    # families, per sample for bidirectional ones (PaliGemma, Gemma3): bytes on disk show it
+    entries = list((run / "cache_teacher" / "image_rows").rglob("*.tcblob"))
+    stored = sum(e["n_rows"] for e in reader.shards)
+    if ad.family.causal_image_rows:
+        assert len(entries) == 3 and stored == sum(len(s["kind"]) - int((s["kind"] == 0).sum()) for s in reader)
+    else:
+        assert entries == [] and stored == sum(len(s["kind"]) for s in reader)
 
     # the saved student reloads with every parameter bit-identical (vision tower included), and the
     # frozen vision tower (the default recipe) did not move while the rest did
@@ -181,6 +185,47 @@ def test_family_through_every_stage(case, family_data, tmp_path, tmp_path_factor
         if n in vision:
             assert torch.equal(p, sd_init[n]), f"frozen vision parameter {n} changed"
     assert any(not torch.equal(p, sd_init[n]) for n, p in a.named_parameters() if n not in vision)
+
+
+ALL_FIELDS = {"cache_teacher.positions": "all", "cache_teacher.hidden_layers": "[-1,1]", "cache_teacher.affinity": "true"}
+
+
+def _image_token_id(model_dir: Path) -> int:
+    """The image-feature token as the checkpoint's config.json names it."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return cfg.get("image_token_id", cfg.get("image_token_index"))
+
+
+def check_all_rows(s: dict, ids: list[int], out, answer_pos: list[int], image_id: int, k: int,
+                   layers=(-1, 1), atol: float = 2e-2) -> int:
+    """A ``positions=all`` cached sample against the model's own forward ``out`` (``output_hidden_states``)
+    on ``ids``: one row per position but the last; kind answer where the next token is an answer token,
+    image where ``ids[p]`` is the image token, else prompt; next tokens; hidden states of ``layers``; top-k of
+    the model's own log-softmax; logit mean/std; the affinity block as cosines of the final hidden states at
+    image × answer-token positions. Returns the image rows seen."""
+    L = len(ids)
+    ans = set(answer_pos)
+    assert s["position"].tolist() == list(range(L - 1))
+    assert s["kind"].tolist() == [2 if p in ans else 0 if ids[p] == image_id else 1 for p in range(L - 1)]
+    assert s["token_ids"].tolist() == ids[1:]
+    for layer in layers:
+        name = "hidden" if layer == -1 else f"hidden@{layer}"
+        np.testing.assert_allclose(s[name], out.hidden_states[layer][0, :L - 1].float().numpy(), atol=atol, rtol=1e-2)
+    logits = out.logits[0, :L - 1].double()
+    top = torch.log_softmax(logits, -1).topk(k, -1)
+    assert (s["topk_ids"][:, 0] == top.indices[:, 0].numpy()).all()
+    np.testing.assert_allclose(s["topk_logprobs"], top.values.numpy(), atol=1e-3)
+    np.testing.assert_allclose(s["logit_stats"][:, 0], logits.mean(-1).numpy(), atol=1e-3)
+    np.testing.assert_allclose(s["logit_stats"][:, 1], logits.std(-1).numpy(), rtol=1e-3)
+    img = [p for p in range(L) if ids[p] == image_id]
+    h = out.hidden_states[-1][0].double()
+    if img:
+        hi = h[img] / h[img].norm(dim=-1, keepdim=True)
+        ha = h[[p + 1 for p in answer_pos]] / h[[p + 1 for p in answer_pos]].norm(dim=-1, keepdim=True)
+        np.testing.assert_allclose(s["affinity"], (hi @ ha.T).numpy(), atol=5e-3)  # float16 storage
+    else:
+        assert s["affinity"].size == 0
+    return int((s["kind"] == 0).sum())
 
 
 def _regen_rows(run: Path) -> list[dict]:
@@ -271,9 +316,10 @@ def test_cross_family_llava_next_teacher_to_llava15_student(family_data, tmp_pat
 @pytest.mark.vllm
 @pytest.mark.parametrize("case", sorted(set(CASES) - {"llava15"}))  # llava15: test_regenerate / test_cache_teacher
 def test_family_stages_on_vllm_equal_hf(case, family_data, tmp_path, tmp_path_factory):
-    """regenerate and cache-teacher served by vLLM (the stage's own engines: token-id prompts, the
-    final-norm hook found in the family's vLLM module tree) give the HF engines' greedy answers and
-    cached values; a family vLLM's CPU build cannot serve is refused before work, with the reason."""
+    """regenerate and cache-teacher served by vLLM (the stage's own engines: token-id prompts; the pooling
+    runner's per-token hidden states through the same head code) give the HF engines' greedy answers and
+    cached values at every position kind, affinity included; a family vLLM's CPU build cannot serve is
+    refused before work, with the reason."""
     import shutil
 
     from llavadi.models import family_of
@@ -287,7 +333,9 @@ def test_family_stages_on_vllm_equal_hf(case, family_data, tmp_path, tmp_path_fa
     teacher, student = built(case, "teacher", tmp_path_factory), built(case, "student", tmp_path_factory)
     hf_run, vl_run = tmp_path / "hf", tmp_path / "vllm"
     cfg = _cfg(hf_run, family_data, teacher, student, **{"cache_teacher.source": "data",
-                                                          "regenerate.sampling.temperature": 0})
+                                                          "regenerate.sampling.temperature": 0,
+                                                          "cache_teacher.positions": "all",
+                                                          "cache_teacher.affinity": "true"})
     why = family_of(teacher).vllm_cpu
     if why is not None:
         from llavadi.stages.regenerate import teacher_preflight
@@ -298,8 +346,9 @@ def test_family_stages_on_vllm_equal_hf(case, family_data, tmp_path, tmp_path_fa
     shutil.copytree(hf_run, vl_run)
     run_stage(regenerate.STAGE, hf_run, cfg, progress=False)
     run_stage(cache_teacher.STAGE, hf_run, cfg, progress=False)
-    for stage in ("regenerate", "cache-teacher"):
-        cli(stage, vl_run, "--engine", "vllm", timeout=600)
+    cli("regenerate", vl_run, "--engine", "vllm", timeout=600)
+    cli("cache-teacher", vl_run, "--engine", "vllm", "cache_teacher.positions=all", "cache_teacher.affinity=true",
+        timeout=600)
 
     def answers(run):
         return {r["id"]: [t["value"] for t in r["conversations"]]
@@ -313,9 +362,16 @@ def test_family_stages_on_vllm_equal_hf(case, family_data, tmp_path, tmp_path_fa
 
     a, b = cache(hf_run), cache(vl_run)
     assert sorted(a) == sorted(b) and len(a) == 6
-    for sid in a:
-        assert (a[sid]["token_ids"] == b[sid]["token_ids"]).all()
+    kinds = set()
+    for sid in a:  # every row of every kind (image, prompt, answer), image and text-only samples
+        for key in ("position", "kind", "token_ids"):
+            assert (a[sid][key] == b[sid][key]).all(), key
+        kinds |= set(a[sid]["kind"].tolist())
         np.testing.assert_allclose(np.asarray(b[sid]["hidden"], np.float32), np.asarray(a[sid]["hidden"], np.float32),
                                    atol=2e-2, rtol=1e-2)
         assert (a[sid]["topk_ids"][:, 0] == b[sid]["topk_ids"][:, 0]).all()
         np.testing.assert_allclose(b[sid]["topk_logprobs"][:, 0], a[sid]["topk_logprobs"][:, 0], atol=2e-3)
+        np.testing.assert_allclose(b[sid]["logit_stats"], a[sid]["logit_stats"], atol=2e-3, rtol=1e-3)
+        assert a[sid]["affinity"].shape == b[sid]["affinity"].shape
+        np.testing.assert_allclose(b[sid]["affinity"], a[sid]["affinity"], atol=5e-3)
+    assert kinds == {0, 1, 2}

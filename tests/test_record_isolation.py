@@ -69,7 +69,7 @@ def test_cache_teacher_rejects_the_record_the_teacher_fails_on(run_cfg, monkeypa
     run, cfg = run_cfg
     from llavadi.models.engines.forcing import HFTeacherForcer
 
-    monkeypatch.setattr(HFTeacherForcer, "forward_hidden", _poisoned(HFTeacherForcer.forward_hidden, lambda r: r.prompt))
+    monkeypatch.setattr(HFTeacherForcer, "forward", _poisoned(HFTeacherForcer.forward, lambda r: r.prompt))
     run_stage(cache_teacher.STAGE, run, cfg, progress=False)
     counts, rejects = _shard(run, "cache_teacher")
     assert counts["in"] == 4 and counts["out"] == 3 and counts["rejected"] == {"model_error": 1}

@@ -22,13 +22,14 @@ def _section() -> str:
 
 
 def test_worked_cache_sizes_are_the_estimators():
-    from llavadi.schemas.teacher_cache import CacheSpec, token_array_bytes
+    from llavadi.schemas.teacher_cache import CacheSpec
 
     tokens = 665_000 * 150
     rows = re.findall(r"^\| (\w+) / (\w+)(?: \(the preset\))? \| ([\d ]+) \| ([\d.]+) (TB|GB) \|", _section(), re.M)
     assert len(rows) == 6
     for hd, ld, bpt, size, unit in rows:
-        b = sum(token_array_bytes(CacheSpec(5120, 64, hd, ld)).values())
+        spec = CacheSpec(hidden_size=5120, vocab_size=32064, top_k=64, hidden_dtype=hd, logprob_dtype=ld)
+        b = sum(spec.bytes_per_row().values())
         assert int(bpt.replace(" ", "")) == b, (hd, ld)
         shown = float(size) * (1e12 if unit == "TB" else 1e9)
         assert abs(shown - tokens * b) <= 0.0006 * tokens * b, (hd, ld, shown, tokens * b)

@@ -19,7 +19,8 @@ A micro-batch (``collate``) holds, for B conversations right-padded to L tokens 
 tokens in total: ``inputs`` (the student's forward inputs, ``models.adapter.ModelAdapter.collate``:
 ``input_ids [B,L] int64``, ``attention_mask [B,L]`` and the family's image tensors), ``rows [N] int64`` (flat index b·L + position predicting the token),
 ``targets [N] int64``, ``t_hidden [N,Ht] float32``, ``t_topk_ids [N,k] int64``,
-``t_topk_logprobs [N,k] float32``, ``t_logit_std [N] float32``, ``sample_ids``.
+``t_topk_logprobs [N,k] float32``, ``t_logit_std [N] float32`` (each teacher field only when the cache holds
+it; the answer rows of the cache whatever ``cache_teacher.positions`` kept), ``sample_ids``.
 
 The student's adapter (processor + prompt format) is built once per process (``load_adapter``: a
 small cache keyed by the model directory, the format and its processor files' size/mtime), not once
@@ -103,6 +104,7 @@ def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = N
         src.verify_shard(entry["shard"])  # the source rows are the ones the cache was made from
         rows = {r["id"]: r for r in iter_samples(src.data_file(entry["shard"]))}
         for s in reader.iter_shard(entry):
+            s = answer_rows(s)
             row = rows.get(s["sample_id"])
             try:
                 if row is None:
@@ -117,6 +119,18 @@ def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = N
                     rejects.append({"id": s["sample_id"], "reason": r.reason, "detail": r.detail})
                 continue
             yield {"id": s["sample_id"], "row": row, "conv": conv, "cache": s}
+
+
+def answer_rows(sample: dict) -> dict:
+    """The sample's answer rows only (``kind == answer``), whatever positions the cache keeps: the losses
+    here are answer-token losses."""
+    from ...schemas.teacher_cache import KIND_ANSWER
+
+    keep = sample["kind"] == KIND_ANSWER
+    if keep.all():
+        return sample
+    return {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == len(keep) and k != "image_key"
+                else v) for k, v in sample.items()}
 
 
 def shuffled(items: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
@@ -188,13 +202,15 @@ class StepDataset(IterableDataset):
         L = int(inputs["input_ids"].shape[1])
         rows = [b * L + p for b, e in enumerate(encs) for p in e.positions]
         cat = lambda key: np.concatenate([it["cache"][key] for it in items], 0)  # noqa: E731
-        return {
-            "inputs": inputs,
-            "rows": torch.tensor(rows, dtype=torch.long),
-            "targets": torch.from_numpy(cat("token_ids").astype(np.int64)),
-            "t_hidden": torch.from_numpy(cat("hidden")),
-            "t_topk_ids": torch.from_numpy(cat("topk_ids").astype(np.int64)),
-            "t_topk_logprobs": torch.from_numpy(cat("topk_logprobs")),
-            "t_logit_std": torch.from_numpy(cat("logit_stats")[:, 1].copy()),
-            "sample_ids": [it["id"] for it in items],
-        }
+        have = items[0]["cache"]
+        out = {"inputs": inputs, "rows": torch.tensor(rows, dtype=torch.long),
+               "targets": torch.from_numpy(cat("token_ids").astype(np.int64))}
+        if "hidden" in have:
+            out["t_hidden"] = torch.from_numpy(cat("hidden"))
+        if "topk_ids" in have:
+            out["t_topk_ids"] = torch.from_numpy(cat("topk_ids").astype(np.int64))
+            out["t_topk_logprobs"] = torch.from_numpy(cat("topk_logprobs"))
+        if "logit_stats" in have:
+            out["t_logit_std"] = torch.from_numpy(cat("logit_stats")[:, 1].copy())
+        out["sample_ids"] = [it["id"] for it in items]
+        return out

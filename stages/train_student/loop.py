@@ -38,7 +38,7 @@ from ...pipeline.locks import StageLock
 from ...pipeline.rundir import StageDir
 from ...pipeline.runner import StageError, write_run_config
 from ...schemas.conversation import tokenizer_hash
-from ...schemas.teacher_cache import CacheReader
+from ...schemas.teacher_cache import CacheReader, CacheVersionError
 from . import lora, losses
 from .data import StepDataset, load_adapter, stream_samples, student_tokens
 from . import parallel  # train_student.parallel=fsdp (FSDP2, sharded checkpoints), gradient_checkpointing
@@ -132,7 +132,10 @@ def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[st
         return p, up_fp
     from transformers import AutoConfig, AutoTokenizer
 
-    meta = CacheReader(up.path, verify=False).meta
+    try:
+        meta = CacheReader(up.path, verify=False).meta
+    except CacheVersionError as e:
+        return p + [str(e)], up_fp
     tok = AutoTokenizer.from_pretrained(c.student)
     if tokenizer_hash(tok) != meta["tokenizer_sha256"]:
         p.append(f"the student's vocabulary ({c.student}) differs from the teacher's "
@@ -142,7 +145,30 @@ def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[st
     V = int(getattr(scfg, "text_config", scfg).vocab_size)
     if c.kd.exact and V != meta["vocab_size"]:
         p.append(f"train_student.kd.exact needs equal output sizes: student {V}, teacher {meta['vocab_size']}")
+    p += cache_field_problems(cfg, meta, run_dir)
     return p, up_fp
+
+
+def cache_field_problems(cfg: LlavadiConfig, meta: dict, run_dir: Path) -> list[str]:
+    """A loss that reads a field the cache does not hold is refused before training, naming the
+    ``cache_teacher`` key that makes the cache hold it."""
+    c = cfg.train_student
+    have = {f["name"] for f in meta.get("fields", [])}
+    fix = f"and rerun `llavadi cache-teacher {run_dir} --force`"
+    p = []
+    if c.feature_weight > 0 and "hidden" not in have:
+        p.append(f"train_student.feature_weight > 0 needs the teacher's final hidden states, which this cache lacks: "
+                 f"set cache_teacher.hidden_layers=[-1] {fix} (or train_student.feature_weight=0)")
+    if c.kd_weight > 0 and c.kd.exact and "hidden" not in have:
+        p.append(f"train_student.kd.exact needs the teacher's final hidden states (with teacher_head.safetensors), "
+                 f"which this cache lacks: set cache_teacher.hidden_layers=[-1] {fix}")
+    if c.kd_weight > 0 and not c.kd.exact and "topk_ids" not in have:
+        p.append(f"train_student.kd (top-k + tail) needs the teacher's top-k log-probs, which this cache lacks "
+                 f"(cache_teacher.logits={meta.get('logits')!r}): set cache_teacher.logits=topk {fix}, or "
+                 f"train_student.kd.exact=true with hidden states")
+    if c.kd_weight > 0 and c.kd.standardize and not c.kd.exact and "logit_stats" not in have:
+        p.append(f"train_student.kd.standardize needs the teacher's logit statistics: set cache_teacher.logits=topk {fix}")
+    return p
 
 
 def frozen_parameters(student, family, c) -> set[str]:
