@@ -12,6 +12,7 @@ The student computes logits only at answer positions: ``lm_head(h[rows])``.
 Run dir: ``train_student/checkpoints/step_NNNNNN/`` (``save_pretrained`` student + processor,
 ``trainer_state.json``, ``training_state.pt`` with optimizer, scheduler, projector, RNG),
 ``metrics.jsonl``, ``tensorboard/``, ``rejects.jsonl``, ``_stage.json``, ``_lock.json``.
+The LM head is read by the fused loss as it runs, LoRA adapters included: ``head.py``.
 The same command resumes from the newest checkpoint exactly. With ``train_student.lora`` the
 checkpoints hold the adapter instead of the student, the last one also the merged student (``lora.py``).
 With ``train_student.parallel=fsdp`` (FSDP2) they are sharded, the last one also the ``save_pretrained``
@@ -40,6 +41,7 @@ from ...pipeline.runner import StageError, write_run_config
 from ...schemas.conversation import tokenizer_hash
 from ...schemas.teacher_cache import CacheReader
 from . import lora, losses
+from .head import operands as head_operands
 from .data import StepDataset, load_adapter, stream_samples, student_tokens
 from . import parallel  # train_student.parallel=fsdp (FSDP2, sharded checkpoints), gradient_checkpointing
 
@@ -227,10 +229,11 @@ def step_loss(head, h, proj, mb: dict, cfg: LlavadiConfig, head_t: Optional[dict
         elif c.kd_weight > 0:
             teacher = dict(topk_ids=mb["t_topk_ids"], topk_logprobs=mb["t_topk_logprobs"],
                            teacher_logit_std=mb["t_logit_std"])
+        x, w, b = head_operands(head, h)  # the head as it runs: LoRA on lm_head included (head.py)
         head_loss, ce, kd = losses.fused_head_loss(
-            h, head.weight, getattr(head, "bias", None), targets=mb["targets"], ce_weight=c.ce_weight,
+            x, w, b, targets=mb["targets"], ce_weight=c.ce_weight,
             kd_weight=c.kd_weight, kind=c.kd.kind, beta=c.kd.beta, temperature=c.kd.temperature,
-            standardize=c.kd.standardize, block_rows=block_rows(head.weight.shape[0], c.kd.chunk_size, h.device),
+            standardize=c.kd.standardize, block_rows=block_rows(w.shape[0], c.kd.chunk_size, h.device),
             **teacher)
         total = total + head_loss
         if c.ce_weight > 0:
