@@ -12,6 +12,7 @@ The student computes logits only at answer positions: ``lm_head(h[rows])``.
 Run dir: ``train_student/checkpoints/step_NNNNNN/`` (``save_pretrained`` student + processor,
 ``trainer_state.json``, ``training_state.pt`` with optimizer, scheduler, projector, RNG),
 ``metrics.jsonl``, ``tensorboard/``, ``rejects.jsonl``, ``_stage.json``, ``_lock.json``.
+What must agree before any work (student, cache, vocabulary, head sizes): ``compat.py``.
 The LM head is read by the fused loss as it runs, LoRA adapters included: ``head.py``.
 The same command resumes from the newest checkpoint exactly. With ``train_student.lora`` the
 checkpoints hold the adapter instead of the student, the last one also the merged student (``lora.py``).
@@ -38,10 +39,10 @@ from ...pipeline.config import LlavadiConfig, changed_keys, fingerprint
 from ...pipeline.locks import StageLock
 from ...pipeline.rundir import StageDir
 from ...pipeline.runner import StageError, write_run_config
-from ...schemas.conversation import tokenizer_hash
 from ...schemas.teacher_cache import CacheReader
 from . import lora, losses
 from .head import operands as head_operands
+from .compat import preflight
 from .data import StepDataset, load_adapter, stream_samples, student_tokens
 from . import parallel  # train_student.parallel=fsdp (FSDP2, sharded checkpoints), gradient_checkpointing
 
@@ -114,39 +115,6 @@ def material(cfg: LlavadiConfig) -> dict:
             "image_root": cfg.ingest.image_root}
 
 
-def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[str]]:
-    """Problems before any model loads (student path, cache present and complete, vocabulary)."""
-    p = []
-    c = cfg.train_student
-    up = StageDir(run_dir, "cache_teacher")
-    m = up.read_manifest()
-    up_fp = m.get("fingerprint") if m else None
-    if m is None or not (up.path / "index.json").exists() or not m.get("complete"):
-        p.append(f"train-student reads the teacher cache {up.path}, which is missing or incomplete: "
-                 f"run `llavadi cache-teacher {run_dir}` first")
-    if not c.student or not os.path.exists(os.path.join(c.student, "config.json")):
-        p.append(f"train_student.student={c.student!r} is not a model directory: pass --student DIR "
-                 f"(a save_pretrained model of a supported family, with its processor)")
-    if p:
-        return p, up_fp
-    p += student_problems(c)
-    if p:
-        return p, up_fp
-    from transformers import AutoConfig, AutoTokenizer
-
-    meta = CacheReader(up.path, verify=False).meta
-    tok = AutoTokenizer.from_pretrained(c.student)
-    if tokenizer_hash(tok) != meta["tokenizer_sha256"]:
-        p.append(f"the student's vocabulary ({c.student}) differs from the teacher's "
-                 f"(tokenizer hash {tokenizer_hash(tok)} vs the cache's {meta['tokenizer_sha256']}): "
-                 f"distillation needs the same tokenizer; pick a student built on the teacher's vocabulary")
-    scfg = AutoConfig.from_pretrained(c.student)
-    V = int(getattr(scfg, "text_config", scfg).vocab_size)
-    if c.kd.exact and V != meta["vocab_size"]:
-        p.append(f"train_student.kd.exact needs equal output sizes: student {V}, teacher {meta['vocab_size']}")
-    return p, up_fp
-
-
 def frozen_parameters(student, family, c) -> set[str]:
     """Names of the parameters ``freeze_vision`` / ``freeze_projector`` / ``freeze_lm`` freeze, by the
     family's parameter groups (``models.base.Family.group_params``: a group that matches nothing raises
@@ -156,27 +124,6 @@ def frozen_parameters(student, family, c) -> set[str]:
         if flag:
             out.update(family.group_params(student, group))
     return out
-
-
-def student_problems(c) -> list[str]:
-    """The student is of a supported family, its prompt format renders, and every ``freeze_*`` that is
-    on matches parameters (checked on a meta-device model: no weights loaded)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from ...models import family_of
-    from ...models.adapter import check_model
-
-    _, problems = check_model(c.student, c.prompt_format, "train_student.student", "train_student.prompt_format")
-    if problems:
-        return problems
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(c.student))
-    try:
-        frozen_parameters(model, family_of(c.student), c)
-    except ValueError as e:
-        return [f"train_student.freeze_*: {e}"]
-    return lora.problems(model, family_of(c.student), c)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
