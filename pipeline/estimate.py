@@ -11,7 +11,7 @@ expected size = answer tokens × bytes per token + samples × bytes per sample +
   same rows every time); beyond that the mean per counted row is multiplied by the input's row
   count and the estimate says it was extrapolated. A row the adapter rejects (``token_mismatch``,
   ``image_placement``) counts as a rejected sample with no tokens. Not foreseen: rows that
-  cache-teacher rejects later for their image (``image_error``, ``processor_error``) or length
+  cache-teacher rejects later for their image (``missing_image``, ``image_changed``, ``processor_error``) or length
   (``too_long``), so the estimate errs on the large side.
 - **Bytes per token** and **per sample** are the cache format's uncompressed array sizes
   (``schemas.teacher_cache.token_array_bytes`` / ``sample_array_bytes``): hidden H × 2 B

@@ -11,7 +11,8 @@ Outputs: ``cache_teacher/part-NNNNN.zarr`` (or ``.tar``) per input shard, ``inde
 vocabulary recomputes the exact full-vocabulary teacher distribution from ``hidden``).
 
 Rejects: ``token_mismatch`` (template tokenisation is not prefix-stable at a turn boundary),
-``image_error``, ``too_long`` (conversation longer than the teacher's context).
+``missing_image`` / ``image_changed`` / ``undecodable_image`` (``schemas.samples.sample_image``: the image is
+checked against the sha256 ingest recorded), ``too_long`` (conversation longer than the teacher's context).
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ from ..pipeline.stage import (ShardOutput, ShardTask, StageContext, engine_insta
 from ..models.engines.common import max_model_len, output_head
 from ..models.engines.forcing import ForceRequest, ForceResult, HFTeacherForcer, make_forcer, topk_from_hidden
 from ..schemas.conversation import tokenizer_hash
-from ..schemas.samples import Reject, iter_samples
+from ..schemas.samples import Reject, iter_samples, sample_image
 from ..schemas.teacher_cache import CacheShardWriter, CacheSpec, write_index
-from .regenerate import load_image, teacher_identity, teacher_preflight
+from .regenerate import teacher_identity, teacher_preflight
 
 HEAD_FILE = "teacher_head.safetensors"
 WINDOW_BATCHES = 8  # conversations are sorted by length within windows of 8 batches (less padding)
@@ -90,12 +91,8 @@ class CacheTeacherStage:
         """A sample row → (teacher-forcing request, answer token ids), or raise ``Reject``.
         The answer spans and the forward inputs come from the teacher's ``models.ModelAdapter``."""
         conv = forcer.adapter.conversation(row["conversations"], row["image"] is not None)
-        image = None
-        if row["image"] is not None:
-            try:
-                image = load_image(ctx.cfg.ingest.image_root, row["image"])
-            except Exception as e:  # noqa: BLE001
-                raise Reject("image_error", f"{row['image']}: {type(e).__name__}: {e}") from None
+        # checked against the sha256 ingest recorded: a changed / missing image is this record's Reject
+        image = sample_image(ctx.cfg.ingest.image_root, row)
         enc = forcer.adapter.encode(conv, image)
         if len(enc.ids) > limit:
             raise Reject("too_long", f"{len(enc.ids)} tokens > max_model_len={limit}")

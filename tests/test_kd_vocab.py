@@ -194,7 +194,7 @@ def test_student_with_fewer_head_rows_trains(padded_run, cached_run, small_head,
     assert all(math.isfinite(r["kd"]) and r["kd"] > 0 for r in m)
 
     st = student_tokens(str(small_head))
-    items = [it for it in stream_samples(run0, st) if (it["cache"]["topk_ids"] >= 32002).any()][:3]
+    items = [it for it in stream_samples(run0, st, image_root=str(root)) if (it["cache"]["topk_ids"] >= 32002).any()][:3]
     ds = StepDataset(run0, st, str(root), batch_size=1, micro_batch_size=1, rank=0, world=1, seed=0, epoch=0,
                      shuffle_buffer=1)
     mb = ds.collate(items)

@@ -1,4 +1,5 @@
-"""What must agree before ``llavadi train-student`` does any work (``preflight``).
+"""What must agree before ``llavadi train-student`` does any work (``preflight``), and where the cache's
+sample images are (``image_root``).
 
 **Vocabulary** (issue #22 class 4). The cache can hold two kinds of ids: answer tokens (``token_ids``:
 ids of the tokenizer) and the teacher's top-k ids (rows of the teacher's head, ``index.json``
@@ -15,6 +16,10 @@ ids of the tokenizer) and the teacher's top-k ids (rows of the teacher's head, `
 - exact path (``kd.exact=true``): the student's head ``[V, Hs]`` and ``teacher_head.safetensors``'s
   ``[V', Ht]`` must have ``V == V'`` (the full distributions are compared id by id): else refused,
   naming both shapes.
+
+**Image root** (issue #22 class 8): ``pipeline.remote.samples_image_root`` — ``train_student.cache_image_root``
+if set, else with ``train_student.cache_from`` the ``ingest.image_root`` of that run (its samples were
+made from those images), else this run's ``ingest.image_root``.
 """
 from __future__ import annotations
 
@@ -28,9 +33,20 @@ from ...schemas.conversation import tokenizer_hash
 from ...schemas.teacher_cache import CacheReader
 from . import head, lora
 
+ROOT_HINT = "wrong image folder? set train_student.cache_image_root=DIR (the folder holding the cache's sample images)"
+
+
+def image_root(cfg: LlavadiConfig) -> tuple[Optional[str], str]:
+    """(folder of the training samples' images, where that came from): module docstring."""
+    from ...pipeline.remote import samples_image_root
+
+    c = cfg.train_student
+    return samples_image_root(c.cache_image_root, "train_student.cache_image_root", c.cache_from, cfg.ingest.image_root)
+
+
 def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[str]]:
     """(problems found before any model loads, the cache's fingerprint): cache present and complete, student
-    path, family and freeze/LoRA settings, vocabulary and head sizes (module docstring)."""
+    path, family and freeze/LoRA settings, vocabulary and head sizes (module docstring), image root."""
     p = []
     c = cfg.train_student
     up = StageDir(run_dir, "cache_teacher")
@@ -53,6 +69,10 @@ def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[st
     if p:
         return p, up_fp
     p += vocab_problems(c, CacheReader(up.path, verify=False).meta, up.path, model)
+    root, where = image_root(cfg)
+    if root and not os.path.isdir(root):
+        p.append(f"the cache's sample images are read from {root} (from {where}), which is not a directory: "
+                 f"set train_student.cache_image_root=DIR to the folder holding them")
     return p, up_fp
 
 

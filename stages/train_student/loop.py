@@ -11,8 +11,9 @@ The student computes logits only at answer positions: ``lm_head(h[rows])``.
 
 Run dir: ``train_student/checkpoints/step_NNNNNN/`` (``save_pretrained`` student + processor,
 ``trainer_state.json``, ``training_state.pt`` with optimizer, scheduler, projector, RNG),
-``metrics.jsonl``, ``tensorboard/``, ``rejects.jsonl``, ``_stage.json``, ``_lock.json``.
-What must agree before any work (student, cache, vocabulary, head sizes): ``compat.py``.
+``metrics.jsonl``, ``tensorboard/``, ``rejects.jsonl`` + ``scan.json`` (the scan before training: ``data.scan``),
+``late_rejects.rank<R>.jsonl`` (samples whose image failed only at their step: ``late.py``), ``_stage.json``,
+``_lock.json``. What must agree before any work (student, cache, vocabulary, head sizes, image root): ``compat.py``.
 The LM head is read by the fused loss as it runs, LoRA adapters included: ``head.py``.
 The same command resumes from the newest checkpoint exactly. With ``train_student.lora`` the
 checkpoints hold the adapter instead of the student, the last one also the merged student (``lora.py``).
@@ -40,10 +41,10 @@ from ...pipeline.locks import StageLock
 from ...pipeline.rundir import StageDir
 from ...pipeline.runner import StageError, write_run_config
 from ...schemas.teacher_cache import CacheReader
-from . import lora, losses
+from . import compat, late, lora, losses
 from .head import operands as head_operands
 from .compat import preflight
-from .data import StepDataset, load_adapter, stream_samples, student_tokens
+from .data import StepDataset, load_adapter, scan as scan_samples, student_tokens
 from . import parallel  # train_student.parallel=fsdp (FSDP2, sharded checkpoints), gradient_checkpointing
 
 STAGE_DIR = "train_student"
@@ -105,14 +106,14 @@ def init_distributed() -> tuple[int, int, bool]:
 def material(cfg: LlavadiConfig) -> dict:
     c = asdict(cfg.train_student)
     for k in ("num_workers", "save_every_steps", "keep_checkpoints", "log_every_steps", "log_sample_ids",
-              "cache_from", "nonfinite", "gradient_checkpointing"):
+              "cache_from", "nonfinite", "gradient_checkpointing", "cache_image_root"):
         c.pop(k)  # how it runs, not what it computes (a pulled cache is checked by its own fingerprint)
     if not c["lora"]["enabled"]:
         c.pop("lora")  # LoRA off: the fingerprints of runs from before the lora keys existed stay valid
     if c["parallel"] == "ddp":
         c.pop("parallel")  # the default: fingerprints of runs from before the key existed stay valid
     return {"train_student": c, "student_dir": os.path.abspath(cfg.train_student.student or ""),
-            "image_root": cfg.ingest.image_root}
+            "image_root": compat.image_root(cfg)[0]}  # the folder the samples' images are read from
 
 
 def frozen_parameters(student, family, c) -> set[str]:
@@ -365,23 +366,14 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
     st = student_tokens(c.student, c.prompt_format)
     adapter = load_adapter(c.student, c.prompt_format)
 
-    # scan once (rank 0 writes it): valid sample count for the schedule, rejects with reasons
-    scan_file = sd.path / "scan.json"
-    scan = json.loads(scan_file.read_text()) if scan_file.exists() else None
-    if not scan or scan.get("fingerprint") != fp:
-        rejects: list = []
-        n_valid = sum(1 for _ in stream_samples(run_dir, st, rejects))
-        by_reason: dict = {}
-        for r in rejects:
-            by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
-        scan = {"fingerprint": fp, "valid": n_valid, "rejected": by_reason}
-        if rank == 0:
-            atomic.write_jsonl(sd.path / "rejects.jsonl", rejects)
-            atomic.write_json(scan_file, scan)
+    # scan once: valid sample count for the schedule, rejects with reasons (missing / changed images included)
+    root, root_from = compat.image_root(cfg)
+    scan, skip = scan_samples(run_dir, st, sd.path, fp, root, compat.ROOT_HINT, world)
     steps_per_epoch = scan["valid"] // c.batch_size
     if steps_per_epoch < 1:
         raise StageError(f"train-student: {scan['valid']} usable samples < batch_size={c.batch_size} "
-                         f"(rejected: {scan['rejected'] or 'none'}): lower train_student.batch_size or cache more data")
+                         f"(rejected: {scan['rejected'] or 'none'}; see {sd.path / 'rejects.jsonl'}; images read from "
+                         f"{root} ({root_from})): lower train_student.batch_size or cache more data")
     total_steps = c.max_steps or steps_per_epoch * c.epochs
 
     ht = CacheReader(run_dir / "cache_teacher", verify=False).spec.hidden_size
@@ -433,6 +425,8 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
                   file=sys.stderr)
     metrics_path = sd.path / "metrics.jsonl"
     ids_path = sd.path / f"sample_ids.rank{rank}.jsonl"
+    late_path = sd.path / f"late_rejects.rank{rank}.jsonl"
+    _truncate_metrics(late_path, state["global_step"])
     if c.log_sample_ids:
         _truncate_metrics(ids_path, state["global_step"])
     tb = None
@@ -450,9 +444,10 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
     t_last = time.time()
     model.train()
     while state["global_step"] < total_steps:
-        ds = StepDataset(run_dir, st, cfg.ingest.image_root, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
+        ds = StepDataset(run_dir, st, root, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
                          rank=rank, world=world, seed=c.seed, epoch=state["epoch"], shuffle_buffer=c.shuffle_buffer,
-                         start_step=state["step_in_epoch"], max_steps=steps_per_epoch)
+                         start_step=state["step_in_epoch"], max_steps=steps_per_epoch, skip=skip,
+                         root_hint=compat.ROOT_HINT)
         # its own generator: each new iterator draws a base seed, which from the global RNG would shift every later
         # dropout mask (LoRA's) on resume — a relaunch makes one more iterator than the uninterrupted run
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=c.num_workers, persistent_workers=False,
@@ -462,11 +457,8 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
             if state["global_step"] >= total_steps:
                 break
             stepped = True
-            mbs = item["micro_batches"]
-            n_local = sum(len(mb["targets"]) for mb in mbs)
-            n_global = torch.tensor(float(n_local), device=device)  # on the device: NCCL reduces no CPU tensor
-            if world > 1:
-                dist.all_reduce(n_global)
+            g = late.gate(item["micro_batches"], world, device)  # samples whose image failed at load: left out
+            mbs, n_global = g.run, g.n_global
             sums: dict = {}
             ok_local = True  # every micro-batch loss of this rank finite
             for i, mb in enumerate(mbs):
@@ -503,6 +495,7 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
                 rec["skipped_nonfinite"] = state["skipped_nonfinite"]  # steps skipped so far
                 if not applied:
                     rec["skipped"] = True
+            late.log(late_path, state, g, rec, rank)
             now = time.time()
             rec["tokens_per_s"] = round(n_tok / max(1e-9, now - t_last), 1)
             t_last = now
