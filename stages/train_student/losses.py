@@ -78,6 +78,9 @@ tail is ~0 (k = V, or a teacher whose top-k holds all the mass, e.g. after float
 the top-k sum exceed 1). The guard is part of the formula in every dtype (float32 and float64
 compute the same function; the perturbation is below float32 resolution of the bucket masses).
 A ``-inf`` top-k log-prob is a zero-probability bucket, under the zero-probability rule above.
+A top-k id ``>= V`` (a row of a padded teacher head that the student's head lacks; issue #22) is no bucket:
+its teacher probability joins the tail, and the student's tail is its mass outside the in-range ids, so both
+are coarsened to {each in-range top-k id, everything else} (``_out_of_range``).
 At ``T = 1`` (and no standardization) the loss is the exact divergence between the coarsened
 distributions.
 
