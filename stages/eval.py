@@ -368,7 +368,7 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], reje
         n += len(mb["targets"])
 
     # images checked against their recorded sha256 here, once; collate reads them again (and drops a
-    # sample whose image changed since: its reject is added below)
+    # sample whose image changed since: run() adds its reject)
     for it in stream_samples(run_dir, st, rejects, image_root=image_root, root_hint=ROOT_HINT):
         batch.append(it)
         if len(batch) == 16:
