@@ -332,6 +332,9 @@ class TrainStudentConfig:
     # a run directory (path or fsspec URL) whose finished cache_teacher/ and its source shards are
     # pulled into this run before training (students train away from the teacher's machine)
     cache_from: Optional[str] = None
+    # the folder of the cache's sample images; null = the ingest.image_root of the run the samples come from
+    # (cache_from's config.yaml with cache_from, else this run's)
+    cache_image_root: Optional[str] = None
     log_sample_ids: bool = False  # each rank logs the ids of its samples per step (audit of DDP sharding)
 
     def validate(self) -> list[str]:

@@ -10,7 +10,8 @@ expected size = Σ over stored arrays (exact uncompressed bytes × compression r
   ``cache_teacher.estimate_rows`` input rows are counted (evenly spaced, the same rows every time), the
   rest extrapolated. Image rows stored once per image (``positions: all``) are counted per distinct
   ``image_sha256`` of the input. A row the adapter rejects counts as a rejected sample with no rows. Not
-  foreseen: rows cache-teacher rejects later for length (``too_long``) or a model error.
+  foreseen: rows cache-teacher rejects later for their image (``missing_image``, ``image_changed``,
+  ``processor_error``), length (``too_long``) or a model error, so the estimate errs on the large side.
 - **Uncompressed bytes** per row and per sample follow from the field declarations
   (``schemas.teacher_cache.CacheSpec.fields``): exact.
 - **Compression ratio** of every stored array and the stores' framing are measured by a **probe**

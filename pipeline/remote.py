@@ -129,3 +129,36 @@ def pull_stage(src_run: str, name: str, run_dir: Path) -> int:
             raise CorruptShardError(f"pulled from {src}/{name}: {e} If the source stage is sound, it was "
                                     f"being written during the pull: rerun the same command to pull again.") from e
     return copied
+
+
+def run_image_root(run: str) -> tuple[Optional[str], str]:
+    """(``ingest.image_root`` of the run at ``run`` (path or URL) as its ``config.yaml`` records it, where
+    that came from): the folder that run's sample images were read from. (None, why) when the file or the
+    key is missing."""
+    import yaml
+
+    src = str(run).rstrip("/")
+    cfg_file = f"{src}/config.yaml"
+    try:
+        with open_binary(cfg_file if is_remote(src) else local_path(cfg_file)) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, FileNotFoundError):
+        return None, f"none ({cfg_file} cannot be read)"
+    root = ((data if isinstance(data, dict) else {}).get("ingest") or {}).get("image_root")
+    if not root:
+        return None, f"none ({cfg_file} names no ingest.image_root)"
+    return str(root), f"ingest.image_root of {cfg_file}"
+
+
+def samples_image_root(override: Optional[str], override_key: str, source_run: Optional[str],
+                       own: Optional[str]) -> tuple[Optional[str], str]:
+    """(image folder of a stage's samples, where it came from), the one rule of every stage that joins
+    samples to their images: ``override`` (the stage's ``…image_root`` key, named ``override_key``) if set;
+    else, when the samples come from another run (``source_run``: ``train_student.cache_from``, the run of
+    ``eval --cache``), that run's own ``ingest.image_root`` (``run_image_root``); else ``own`` (this run's
+    ``ingest.image_root``)."""
+    if override:
+        return override, override_key
+    if source_run:
+        return run_image_root(source_run)
+    return own, "ingest.image_root"

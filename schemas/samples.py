@@ -60,6 +60,13 @@ REASONS = {
     "too_long": "the conversation is longer than ingest.max_chars",
 }
 
+# Reject reasons of every later stage that joins a sample row to its image (``sample_image``):
+# ``missing_image``, ``undecodable_image``, ``unsupported_image`` as above, plus this one.
+IMAGE_REASONS = {
+    "image_changed": "the image file's sha256 differs from the one ingest recorded: the picture was changed "
+                     "(or another image root holds a different file of that name) after the sample was made",
+}
+
 
 def _check_text(s: str, where: str) -> None:
     try:
@@ -115,11 +122,8 @@ def validate_conversations(conv, has_image: bool, max_chars: int) -> list[dict]:
     return turns
 
 
-def check_image(image_root: Path, rel, decode: bool) -> str:
-    """Return the sha256 of the image file, or raise ``Reject``. With ``decode``, the image goes
-    through ``schemas.images.decode_rgb`` — the conversion every later stage applies — so a
-    record is kept only if its image becomes 8-bit RGB (reasons ``undecodable_image``,
-    ``unsupported_image``)."""
+def _read_image(image_root, rel) -> bytes:
+    """The bytes of ``image_root / rel`` or ``Reject`` (``bad_image_field``, ``missing_image``)."""
     if not isinstance(rel, str) or not rel.strip():
         raise Reject("bad_image_field", f"image is {rel!r}")
     if Path(rel).is_absolute() or ".." in Path(rel).parts or "\0" in rel:
@@ -127,19 +131,61 @@ def check_image(image_root: Path, rel, decode: bool) -> str:
         raise Reject("bad_image_field", f"image {rel[:200]!r} is not a relative path inside image_root")
     path = Path(image_root) / rel
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise Reject("missing_image", f"{rel} not found under {image_root}") from None
     except (IsADirectoryError, PermissionError, OSError) as e:
         raise Reject("missing_image", f"{rel}: {e}") from None
-    if decode:
-        from .images import ImageLoadError, decode_rgb
 
-        try:
-            decode_rgb(data, rel)
-        except ImageLoadError as e:
-            raise Reject(e.reason, e.detail) from None
+
+def _decode(data: bytes, rel: str):
+    from .images import ImageLoadError, decode_rgb
+
+    try:
+        return decode_rgb(data, rel)
+    except ImageLoadError as e:
+        raise Reject(e.reason, e.detail) from None
+
+
+def check_image(image_root: Path, rel, decode: bool) -> str:
+    """Return the sha256 of the image file, or raise ``Reject``. With ``decode``, the image goes
+    through ``schemas.images.decode_rgb`` — the conversion every later stage applies — so a
+    record is kept only if its image becomes 8-bit RGB (reasons ``undecodable_image``,
+    ``unsupported_image``)."""
+    data = _read_image(image_root, rel)
+    if decode:
+        _decode(data, rel)
     return hashlib.sha256(data).hexdigest()
+
+
+def sample_image(image_root: Optional[str | Path], row: dict, *, decode: bool = True, root_hint: str = ""):
+    """The image of a sample row as every stage after ingest must see it: the file
+    ``image_root / row["image"]``, checked against the ``image_sha256`` ingest recorded, then
+    (``decode``) ``schemas.images.decode_rgb`` of those same bytes (read once: the picture checked
+    is the picture used). Returns a PIL ``"RGB"`` image (uint8), or None for a text-only row or
+    when ``decode`` is False.
+
+    Raises ``Reject`` — one record's problem, never the stage's: ``missing_image`` (no image root,
+    or no readable file there; ``root_hint`` — e.g. "set train_student.cache_image_root" — is
+    appended to say how to point at the right folder), ``image_changed`` (the file's sha256 differs
+    from the recorded one: the image was edited after ingest, or the root holds another file of that
+    name), ``undecodable_image`` / ``unsupported_image`` (``schemas.images`` rules), ``bad_image_field``.
+    A row without a recorded sha256 (written by an ingest that did not record it) is not checked."""
+    rel = row.get("image")
+    if rel is None:
+        return None
+    hint = f"; {root_hint}" if root_hint else ""
+    if not image_root:
+        raise Reject("missing_image", f"{rel}: no image root is known for this sample{hint}")
+    try:
+        data = _read_image(image_root, rel)
+    except Reject as r:
+        raise Reject(r.reason, r.detail + hint) from None
+    want = row.get("image_sha256")
+    if want and hashlib.sha256(data).hexdigest() != want:
+        raise Reject("image_changed", f"{rel} under {image_root} is not the image this sample was made from "
+                                      f"(sha256 differs from the one ingest recorded){hint}")
+    return _decode(data, rel) if decode else None
 
 
 def validate_record(rec, image_root: Optional[Path], max_chars: int, decode_images: bool = True) -> dict:

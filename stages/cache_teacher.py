@@ -12,7 +12,9 @@ and ``teacher_head.safetensors`` (the output projection: with it a student that 
 recomputes the exact full-vocabulary teacher distribution from ``hidden``).
 
 Rejects: ``token_mismatch`` (template tokenisation is not prefix-stable at a turn boundary),
-``image_error``, ``too_long`` (conversation longer than the teacher's context), ``model_error``.
+``missing_image`` / ``image_changed`` / ``undecodable_image`` (``schemas.samples.sample_image``: the image is
+checked against the sha256 ingest recorded), ``too_long`` (conversation longer than the teacher's context),
+``model_error``.
 """
 from __future__ import annotations
 
@@ -33,11 +35,11 @@ from ..pipeline.overlap import Prefetch, Sink
 from ..pipeline.stage import (ShardOutput, ShardTask, StageContext, engine_installed, plan_from_upstream,
                               teacher_resources)
 from ..schemas.conversation import tokenizer_hash
-from ..schemas.samples import Reject, iter_samples
+from ..schemas.samples import Reject, iter_samples, sample_image
 from ..schemas.teacher_cache import (KIND_IMAGE, CacheShardWriter, ImageRowStore, hidden_field_name,
                                      image_key, write_index)
 from ..schemas.teacher_cache.fields import check_rows
-from .regenerate import load_image, teacher_identity, teacher_preflight
+from .regenerate import teacher_identity, teacher_preflight
 
 HEAD_FILE = "teacher_head.safetensors"
 WINDOW_BATCHES = 8  # conversations are sorted by length within windows of 8 batches (less padding)
@@ -101,12 +103,8 @@ class CacheTeacherStage:
         spans, image positions and forward inputs come from the teacher's ``models.ModelAdapter``."""
         spec = forcer.spec
         conv = forcer.adapter.conversation(row["conversations"], row["image"] is not None)
-        image = None
-        if row["image"] is not None:
-            try:
-                image = load_image(ctx.cfg.ingest.image_root, row["image"])
-            except Exception as e:  # noqa: BLE001
-                raise Reject("image_error", f"{row['image']}: {type(e).__name__}: {e}") from None
+        # checked against the sha256 ingest recorded: a changed / missing image is this record's Reject
+        image = sample_image(ctx.cfg.ingest.image_root, row)
         enc = forcer.adapter.encode(conv, image)
         if len(enc.ids) > limit:
             raise Reject("too_long", f"{len(enc.ids)} tokens > max_model_len={limit}")

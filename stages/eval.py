@@ -93,8 +93,8 @@ def vqa_accuracy(pred: str, refs: list[str]) -> float:
 EVAL_REASONS = {
     "bad_question": "a LLaVA question-file record whose 'text' is not a non-empty string",
     "bad_answer": "'answer' / 'answers' is not a string / a list of strings (or of {'answer': string})",
-    "image_changed": "the cache sample's image under the cache image root is not the one the cache was made from",
 }
+ROOT_HINT = "wrong image folder? pass --cache-image-root DIR (eval.cache_image_root)"
 NO_REFERENCE = "(no reference answer)"  # gpt turn of a question record without one (validation only)
 
 
@@ -223,17 +223,12 @@ def data_image_root(cfg: LlavadiConfig) -> Optional[str]:
 def cache_image_root(cfg: LlavadiConfig) -> tuple[Optional[str], str]:
     """(image folder of ``--cache``'s samples, where it came from): ``eval.cache_image_root``
     (``--cache-image-root``), else the ``ingest.image_root`` of the run the cache belongs to (the
-    folder its images were read from when it was made)."""
-    if cfg.eval.cache_image_root:
-        return cfg.eval.cache_image_root, "eval.cache_image_root"
-    stored = Path(cfg.eval.cache).parent / "config.yaml"
-    if stored.exists():
-        from ..pipeline.config import load_yaml
+    folder its images were read from when it was made): ``pipeline.remote.samples_image_root``, the
+    rule train-student's ``cache_from`` follows too."""
+    from ..pipeline.remote import samples_image_root
 
-        root = ((load_yaml(str(stored)) or {}).get("ingest") or {}).get("image_root")
-        if root:
-            return root, f"ingest.image_root of {stored}"
-    return None, f"none ({stored} names no ingest.image_root)"
+    return samples_image_root(cfg.eval.cache_image_root, "eval.cache_image_root", str(Path(cfg.eval.cache).parent),
+                              None)
 
 
 def _reason_counts(rejects: list[dict]) -> dict[str, int]:
@@ -360,8 +355,12 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], reje
     kl_from = None  # "topk" (top-k + tail bucket) or "exact" (the cached final hidden states + teacher head)
 
     def run(items):
-        nonlocal kl, ce, n, kl_from
-        mb = ds.collate(items)
+        nonlocal kl, ce, n, samples, kl_from
+        mb = ds.collate(items, root_hint=ROOT_HINT)
+        rejects.extend(mb["rejects"])
+        samples += len(mb["sample_ids"])
+        if not mb["sample_ids"]:
+            return
         with torch.inference_mode():
             out = model.model(**mb["inputs"])
             h = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[mb["rows"]]
@@ -379,13 +378,10 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], reje
                                                        log_target=True, reduction="sum"))
         n += len(mb["targets"])
 
-    for it in stream_samples(run_dir, st, rejects):
-        problem = _cache_image_problem(image_root, it["row"])
-        if problem is not None:
-            rejects.append({"id": it["id"], "reason": problem.reason, "detail": problem.detail})
-            continue
+    # images checked against their recorded sha256 here, once; collate reads them again (and drops a
+    # sample whose image changed since: run() adds its reject)
+    for it in stream_samples(run_dir, st, rejects, image_root=image_root, root_hint=ROOT_HINT):
         batch.append(it)
-        samples += 1
         if len(batch) == 16:
             run(batch)
             batch = []
@@ -411,26 +407,6 @@ def _teacher_head(cache_dir: str):
     from safetensors.torch import load_file
 
     return load_file(p)
-
-
-def _cache_image_problem(image_root: Optional[str], row: dict):
-    """None, or the ``Reject`` that keeps a cache sample out: its image is missing under
-    ``image_root`` or differs from the one the cache was made from (sha256 recorded by ingest)."""
-    from ..schemas.samples import Reject, check_image
-
-    if row.get("image") is None:
-        return None
-    if not image_root:
-        return Reject("missing_image", "no image root for the cache's samples: pass --cache-image-root "
-                                       "(eval.cache_image_root)")
-    try:
-        sha = check_image(Path(image_root), row["image"], False)
-    except Reject as r:
-        return r
-    if row.get("image_sha256") and sha != row["image_sha256"]:
-        return Reject("image_changed", f"{row['image']} under {image_root} is not the image the cache was made from "
-                                       f"(sha256 differs): wrong --cache-image-root?")
-    return None
 
 
 # --------------------------------------------------------------------------- the command

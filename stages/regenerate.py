@@ -18,7 +18,8 @@ teacher's answers) plus
 | turn_num_tokens          | list<int32>          | generated tokens per assistant turn (0 when kept) |
 
 Rejects (``regenerate/rejects/``): ``prompt_too_long`` (prompt ≥ teacher.max_model_len),
-``image_error`` (file unreadable), ``image_placement`` (``<image>`` outside a human turn, more than one,
+``missing_image`` / ``image_changed`` / ``undecodable_image`` (``schemas.samples.sample_image``: the file is
+gone, differs from the sha256 ingest recorded, or cannot be decoded), ``image_placement`` (``<image>`` outside a human turn, more than one,
 or without an image: ``models.prompts.place_image``), ``processor_error`` (the processor cannot take
 the record), ``model_error`` (the engine fails on this record alone), ``empty_generation``,
 ``truncated`` (hit max_new_tokens with ``reject_truncated=true``). With
@@ -43,7 +44,7 @@ from ..pipeline.stage import (ShardOutput, ShardTask, StageContext, engine_insta
                               teacher_resources)
 from ..models.engines.common import max_model_len, request_seed, weights_identity
 from ..models.engines.generate import GenRequest, make_engine
-from ..schemas.samples import SAMPLE_SCHEMA, TURN_TYPE, Reject, iter_samples, write_samples
+from ..schemas.samples import SAMPLE_SCHEMA, TURN_TYPE, Reject, iter_samples, sample_image, write_samples
 
 REGEN_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [
     pa.field("original_conversations", pa.list_(TURN_TYPE)),
@@ -183,11 +184,10 @@ class RegenerateStage:
         state = []  # per sample: dict(img, new_turns, reasons, ntoks, failed)
         for row in block:
             st = {"img": None, "turns": [], "reasons": [], "ntoks": [], "fail": None}
-            if row["image"] is not None:
-                try:
-                    st["img"] = load_image(ctx.cfg.ingest.image_root, row["image"])
-                except Exception as e:  # noqa: BLE001 - any unreadable image is this record's problem
-                    st["fail"] = ("image_error", f"{row['image']}: {type(e).__name__}: {e}")
+            try:  # checked against the sha256 ingest recorded: a missing or changed image is this record's problem
+                st["img"] = sample_image(ctx.cfg.ingest.image_root, row)
+            except Reject as r:
+                st["fail"] = (r.reason, r.detail)
             state.append(st)
         n_turns = max(len(r["conversations"]) // 2 for r in block)
         for t in range(n_turns):

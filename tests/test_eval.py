@@ -197,15 +197,20 @@ def test_cache_image_root_defaults_to_the_cache_runs_own(tmp_path, cached_run):
     assert ev.cache_image_root(_cfg(cache=cache, image_root=tmp_path)) == (
         str(root), f"ingest.image_root of {run / 'config.yaml'}")
     assert ev.cache_image_root(_cfg(cache=cache, cache_image_root=tmp_path))[0] == str(tmp_path)
-    # a wrong image root: missing images and same-named but different images are rejects
+    # a wrong image root: missing images and same-named but different images are rejects (the check every
+    # stage shares, schemas.samples.sample_image; per stage: tests/test_sample_images.py)
+    from llavadi.schemas.samples import Reject, sample_image
+
     row = next(r for r in json.loads((root / "train.json").read_text()) if r.get("image"))
     good = {"image": row["image"], "image_sha256": __import__("hashlib").sha256(
         (root / row["image"]).read_bytes()).hexdigest()}
-    assert ev._cache_image_problem(str(root), good) is None
-    assert ev._cache_image_problem(str(tmp_path), good).reason == "missing_image"
+    assert sample_image(str(root), good, decode=False) is None
+    with pytest.raises(Reject, match="missing_image"):
+        sample_image(str(tmp_path), good, decode=False)
     (tmp_path / row["image"]).parent.mkdir(parents=True)
     (tmp_path / row["image"]).write_bytes(b"other")
-    assert ev._cache_image_problem(str(tmp_path), good).reason == "image_changed"
+    with pytest.raises(Reject, match="image_changed"):
+        sample_image(str(tmp_path), good, decode=False)
 
 
 def test_data_and_cache_each_with_its_own_image_root(tmp_path, synth, cached_run, stub_answers):

@@ -283,3 +283,134 @@ def test_config_and_target_problems(cached):
     # LoRA off leaves the stage material as it was before the lora keys existed (old runs keep their fingerprint)
     assert "lora" not in material(load_config({}, []))["train_student"]
     assert material(load_config({}, LORA))["train_student"]["lora"]["rank"] == 4
+
+
+# --------------------------------------------------------------------------- issue #22 class 6: lm_head / embed_tokens
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, v=50, hs=8, bias=True):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(hs, v, bias=bias, dtype=torch.float64)
+
+
+def _wrapped_head(r, dropout, seed=0, bias=True, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    holder = _Holder(bias=bias)
+    get_peft_model(holder, LoraConfig(r=r, lora_alpha=3.0, lora_dropout=dropout, target_modules=["lm_head"], **kw))
+    head = holder.lm_head
+    with torch.no_grad():  # B starts at 0 (PEFT): give it a value so the adapter's share is visible
+        head.lora_B["default"].weight.normal_()
+    return head.double()
+
+
+@pytest.mark.parametrize("r,dropout,bias", [(2, 0.0, True), (4, 0.0, False), (4, 0.3, True)])
+def test_head_operands_are_the_wrapped_heads_own_forward(r, dropout, bias):
+    """The fused head loss on ``head.operands`` = CE + top-k KD on the logits of the LoRA head's own forward
+    (PEFT's), in value and in the gradients of h, lora_A and lora_B (float64); the same dropout mask is drawn."""
+    import torch.nn.functional as F
+
+    from llavadi.stages.train_student import head as head_mod
+    from llavadi.stages.train_student.losses import fused_head_loss, topk_kd_loss
+
+    head = _wrapped_head(r, dropout, bias=bias).train()
+    g = torch.Generator().manual_seed(1)
+    n, v = 7, 50
+    h = torch.randn(n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    tg = torch.randint(0, v, (n,), generator=g)
+    lp, ids = torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * 3, -1).topk(5, -1)
+    a, b = head.lora_A["default"].weight, head.lora_B["default"].weight
+    torch.manual_seed(5)
+    x, w, bb = head_mod.operands(head, h)
+    assert x.shape == (n, 8 + r) and w.shape == (v, 8 + r)
+    tot, _, _ = fused_head_loss(x, w, bb, targets=tg, topk_ids=ids, topk_logprobs=lp, block_rows=3)
+    got = torch.autograd.grad(tot, (h, a, b))
+    torch.manual_seed(5)
+    z = head(h)  # PEFT's forward: W h + b + s·B A dropout(h)
+    ref = F.cross_entropy(z, tg, reduction="sum") + topk_kd_loss(z, ids, lp, reduction="sum")
+    want = torch.autograd.grad(ref, (h, a, b))
+    assert float(tot.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    assert all(torch.allclose(p, q, rtol=1e-10, atol=1e-12) for p, q in zip(got, want))
+    assert got[2].abs().max() > 1e-3  # lora_B gets a gradient (it got exactly none when the loss read head.weight)
+    head.enable_adapters(False)  # PEFT BaseTunerLayer: the base layer alone
+    x, w, bb = head_mod.operands(head, h)
+    assert x is h and w is head.base_layer.weight
+
+
+def test_head_problems_refuse_what_the_fused_loss_cannot_read():
+    from llavadi.stages.train_student import head as head_mod
+
+    assert head_mod.problems(torch.nn.Linear(4, 6)) == []
+    assert head_mod.problems(_wrapped_head(2, 0.0)) == []
+    dora = _wrapped_head(2, 0.0, use_dora=True)
+    assert len(head_mod.problems(dora)) == 1 and "use_dora" in head_mod.problems(dora)[0]
+    odd = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    assert "Sequential" in head_mod.problems(odd)[0]
+    with pytest.raises(head_mod.HeadError, match="use_dora"):
+        head_mod.operands(dora, torch.zeros(1, 8, dtype=torch.float64))
+
+
+def test_a_sharded_head_weight_is_refused_not_read(tmp_path):
+    """Under FSDP2 the loss runs inside the root unit's forward, where the head's weight is all-gathered (the
+    FSDP = one-process equality of tests/test_train_fsdp.py covers that); a head read outside it holds a
+    sharded DTensor, which ``operands`` refuses instead of treating a shard as the head. One gloo rank."""
+    script = tmp_path / "dt.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from torch.distributed.device_mesh import init_device_mesh\n"
+        "from torch.distributed.tensor import Shard, distribute_tensor\n"
+        "from llavadi.stages.train_student import head\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/store', rank=0, world_size=1)\n"
+        "lin = torch.nn.Linear(4, 6)\n"
+        "lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.data, init_device_mesh('cpu', (1,)), [Shard(0)]))\n"
+        "try:\n    head.operands(lin, torch.zeros(2, 4))\nexcept head.HeadError as e:\n    print('REFUSED', e)\n"
+        "dist.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "REFUSED" in r.stdout and "DTensor" in r.stdout, r.stderr[-2000:]
+
+
+def test_tied_embeddings_with_an_lm_head_or_embedding_target_are_refused(cached):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from llavadi.models import family_of
+    from llavadi.pipeline.config import load_config
+    from llavadi.stages.train_student import lora
+
+    conf = AutoConfig.from_pretrained(cached[1])
+    conf.tie_word_embeddings = conf.text_config.tie_word_embeddings = True
+    for targets, refused in (("[q_proj, lm_head]", True), ("[embed_tokens]", True), ("[q_proj]", False)):
+        with torch.device("meta"):
+            m = AutoModelForImageTextToText.from_config(conf)
+        assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
+        c = load_config({}, [*LORA, f"train_student.lora.target_modules={targets}"]).train_student
+        p = lora.problems(m, family_of(cached[1]), c)
+        assert bool(p) == refused and (not p or "tied" in p[0])
+
+
+def test_lora_on_lm_head_and_embed_tokens_trains_them(cached, tmp_path):
+    """``target_modules=[q_proj, lm_head, embed_tokens]``: the head's lora_B moves off zero, the merged head is
+    W0 + (alpha/r)·B·A and the merged embedding E0 + (alpha/r)·(B·A)ᵀ, both computed here from the adapter file,
+    and neither equals the initial one; the adapter file holds the adapters only (no base embedding/head matrix)."""
+    from safetensors.torch import load_file
+
+    run = fresh(cached, tmp_path)
+    p = cli("train-student", run, "--student", cached[1], *TRAIN, "train_student.max_steps=3",
+            "train_student.lora.target_modules=[q_proj, lm_head, embed_tokens]")
+    assert "3 steps" in p.stdout
+    final = ckpts(run)[-1]
+    ad = load_file(final / "adapter" / "adapter_model.safetensors")
+    assert all(".lora_" in k for k in ad), sorted(ad)[:6]  # no base_layer / full embedding weights
+    assert (final / "adapter" / "adapter_model.safetensors").stat().st_size < 4 << 20  # embeddings alone: 16 MiB
+    scale = 8 / 4
+    init = dict(load_model(cached[1]).named_parameters())
+    merged = dict(load_model(final).named_parameters())
+    B, A = ad["base_model.model.lm_head.lora_B.weight"].double(), ad["base_model.model.lm_head.lora_A.weight"].double()
+    assert B.abs().max() > 0
+    w0, w = init["lm_head.weight"].detach().double(), merged["lm_head.weight"].detach().double()
+    assert (w - (w0 + scale * B @ A)).abs().max() < 1e-6 and (w - w0).abs().max() > 1e-4
+    emb = "model.language_model.embed_tokens"
+    Be, Ae = ad[f"base_model.model.{emb}.lora_embedding_B"].double(), ad[f"base_model.model.{emb}.lora_embedding_A"].double()
+    e0, e = init[f"{emb}.weight"].detach().double(), merged[f"{emb}.weight"].detach().double()
+    assert (e - (e0 + scale * (Be @ Ae).T)).abs().max() < 1e-6 and (e - e0).abs().max() > 1e-4

@@ -134,10 +134,11 @@ def test_sigkill_mid_stage_then_rerun_is_identical_with_sampling(ingested, tmp_p
     assert json.loads(r[0]["sampling"])["temperature"] == 1.0 and len({x["id"] for x in r}) == 120
 
 
-def test_reject_prompt_too_long_and_image_error(ingested, tmp_path, tiny_teacher, synth):
+def test_reject_prompt_too_long_and_image_changed(ingested, tmp_path, tiny_teacher, synth):
     _, root = synth
     run = fresh(ingested, tmp_path)
-    # break one image after ingest (e.g. storage corruption): that record is rejected, not the stage
+    # break one image after ingest (e.g. storage corruption): its sha256 is no longer the one ingest recorded,
+    # so that record is rejected (image_changed), not the stage
     victim = next(r for r in iter_samples(run / "data" / "part-00000.parquet") if r["image"])
     bad_root = tmp_path / "images"
     shutil.copytree(root, bad_root)
@@ -149,10 +150,10 @@ def test_reject_prompt_too_long_and_image_error(ingested, tmp_path, tiny_teacher
     regen(run, tiny_teacher, "--engine", "vllm", "teacher.max_model_len=70")
     rej = [json.loads(l) for f in (run / "regenerate" / "rejects").glob("*.jsonl") for l in f.read_text().splitlines()]
     reasons = {r["reason"] for r in rej}
-    assert reasons == {"prompt_too_long", "image_error"}, rej
-    assert [r["id"] for r in rej if r["reason"] == "image_error"] == [victim["id"]]
+    assert reasons == {"prompt_too_long", "image_changed"}, rej
+    assert [r["id"] for r in rej if r["reason"] == "image_changed"] == [victim["id"]]
     st = status_json(run)["stages"]["regenerate"]
-    assert st["rejected_by_reason"]["image_error"] == 1 and st["rejected_by_reason"]["prompt_too_long"] >= 1
+    assert st["rejected_by_reason"]["image_changed"] == 1 and st["rejected_by_reason"]["prompt_too_long"] >= 1
     assert st["samples"]["out"] + st["samples"]["rejected"] == 120
 
 

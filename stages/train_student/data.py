@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ...pipeline.rundir import StageDir
-from ...schemas.samples import Reject, iter_samples
+from ...schemas.samples import Reject, iter_samples, sample_image
 from ...schemas.teacher_cache import CacheReader
 
 
@@ -93,9 +93,19 @@ def student_tokens(model_dir: str, prompt_format: str = "auto") -> StudentTokens
     return StudentTokens(model_dir, prompt_format, ad.pad_token_id)
 
 
-def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = None) -> Iterator[dict]:
+def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = None, *,
+                   image_root: Optional[str] = None, check_images: bool = True, skip: frozenset = frozenset(),
+                   root_hint: str = "") -> Iterator[dict]:
     """Valid training samples in cache order: ``{"id", "row", "conv", "cache"}`` (``conv``: the
-    conversation in the student's prompt format, ``models.adapter.TextConversation``)."""
+    conversation in the student's prompt format, ``models.adapter.TextConversation``).
+
+    A sample is rejected (appended to ``rejects`` as ``{"id", "reason", "detail"}``) when its row is
+    missing (``missing_sample``), the student's answer ids differ from the cache's (``token_mismatch``),
+    or — with ``check_images`` — its image under ``image_root`` is missing or not the one ingest recorded
+    (``schemas.samples.sample_image``: ``missing_image``, ``image_changed``, …; file read and hashed, not
+    decoded). ``check_images=False`` trusts an earlier scan instead: ids in ``skip`` (the scan's image
+    rejects) are left out silently, so every epoch, rank and worker sees the same stream whatever happens
+    to the image folder meanwhile (a later change is caught when the image is loaded, ``StepDataset.collate``)."""
     adapter = load_adapter(st.model_dir, st.prompt_format)
     cache_dir = Path(run_dir) / "cache_teacher"
     reader = CacheReader(cache_dir)
@@ -104,6 +114,8 @@ def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = N
         src.verify_shard(entry["shard"])  # the source rows are the ones the cache was made from
         rows = {r["id"]: r for r in iter_samples(src.data_file(entry["shard"]))}
         for s in reader.iter_shard(entry):
+            if s["sample_id"] in skip:
+                continue
             s = answer_rows(s)
             row = rows.get(s["sample_id"])
             try:
@@ -114,6 +126,8 @@ def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = N
                 if mine != s["token_ids"].tolist():
                     raise Reject("token_mismatch", f"student answer ids differ from the cache's "
                                                    f"({len(mine)} vs {len(s['token_ids'])} tokens)")
+                if check_images:
+                    sample_image(image_root, row, decode=False, root_hint=root_hint)
             except Reject as r:
                 if rejects is not None:
                     rejects.append({"id": s["sample_id"], "reason": r.reason, "detail": r.detail})
@@ -133,6 +147,44 @@ def answer_rows(sample: dict) -> dict:
                 else v) for k, v in sample.items()}
 
 
+def scan(run_dir: Path, st: StudentTokens, out_dir: Path, fingerprint: str, image_root: Optional[str],
+         root_hint: str = "", world: int = 1) -> tuple[dict, frozenset]:
+    """The run's one pass over its samples before training (``stream_samples`` with the image check):
+    ``({"fingerprint", "valid": n, "rejected": {reason: n}}, ids rejected)``. The step schedule is computed
+    on ``valid``; the ids are ``StepDataset``'s ``skip``. Kept in ``out_dir/scan.json`` + ``rejects.jsonl``
+    (rank 0 writes them) and reused while ``fingerprint`` holds, so a relaunch resumes on the same stream.
+    With ``world`` > 1 every rank scans (or reads the files), then all take rank 0's result
+    (``broadcast_object_list``): one stream on every rank even if the image folder changed during the scan."""
+    import json
+
+    from ...pipeline import atomic
+
+    scan_file, rej_file = Path(out_dir) / "scan.json", Path(out_dir) / "rejects.jsonl"
+    res = json.loads(scan_file.read_text()) if scan_file.exists() else None
+    if res and res.get("fingerprint") == fingerprint and rej_file.exists():
+        rejects = [json.loads(l) for l in rej_file.read_text().splitlines() if l.strip()]
+        fresh = False
+    else:
+        rejects = []
+        n_valid = sum(1 for _ in stream_samples(run_dir, st, rejects, image_root=image_root, root_hint=root_hint))
+        by_reason: dict = {}
+        for r in rejects:
+            by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+        res, fresh = {"fingerprint": fingerprint, "valid": n_valid, "rejected": dict(sorted(by_reason.items()))}, True
+    rank = 0
+    if world > 1:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        box = [(res, rejects, fresh)]
+        dist.broadcast_object_list(box, src=0)
+        res, rejects, fresh = box[0]
+    if fresh and rank == 0:
+        atomic.write_jsonl(rej_file, rejects)
+        atomic.write_json(scan_file, res)
+    return res, frozenset(r["id"] for r in rejects)
+
+
 def shuffled(items: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
     """Seeded shuffle buffer (spans shard boundaries)."""
     rng = random.Random(seed)
@@ -149,11 +201,15 @@ def shuffled(items: Iterator[dict], buffer: int, seed: int) -> Iterator[dict]:
 
 
 class StepDataset(IterableDataset):
-    """Yields this rank's training steps of one epoch: ``list`` of micro-batches (dicts above)."""
+    """Yields this rank's training steps of one epoch: ``{"step", "micro_batches": [dicts above]}``.
+
+    ``skip``: ids the scan rejected for their image (``stream_samples``): the stream itself does not
+    re-read images, so it is the same on every rank and worker. ``root_hint``: how to point at the right
+    image folder, for reject details."""
 
     def __init__(self, run_dir: Path, st: StudentTokens, image_root: Optional[str], *, batch_size: int,
                  micro_batch_size: int, rank: int, world: int, seed: int, epoch: int, shuffle_buffer: int,
-                 start_step: int = 0, max_steps: int = 0):
+                 start_step: int = 0, max_steps: int = 0, skip: frozenset = frozenset(), root_hint: str = ""):
         if batch_size % (world * micro_batch_size):
             raise ValueError(f"train_student.batch_size={batch_size} must be a multiple of "
                              f"micro_batch_size × world size = {micro_batch_size} × {world}")
@@ -161,12 +217,14 @@ class StepDataset(IterableDataset):
         self.G, self.mb, self.rank, self.world = batch_size, micro_batch_size, rank, world
         self.seed, self.epoch, self.buffer = seed, epoch, shuffle_buffer
         self.start_step, self.max_steps = start_step, max_steps
+        self.skip, self.root_hint = frozenset(skip), root_hint
+
     def _adapter(self):
         return load_adapter(self.st.model_dir, self.st.prompt_format)
 
     def global_batches(self, rejects: Optional[list] = None) -> Iterator[list[dict]]:
-        stream = shuffled(stream_samples(self.run_dir, self.st, rejects), self.buffer,
-                          self.seed * 1_000_003 + self.epoch)
+        stream = shuffled(stream_samples(self.run_dir, self.st, rejects, check_images=False, skip=self.skip),
+                          self.buffer, self.seed * 1_000_003 + self.epoch)
         batch: list[dict] = []
         for it in stream:
             batch.append(it)
@@ -184,25 +242,29 @@ class StepDataset(IterableDataset):
             if step < self.start_step or step % nw != wid:
                 continue
             mine = gb[self.rank * share: (self.rank + 1) * share]
-            yield {"step": step, "micro_batches": [self.collate(mine[i: i + self.mb]) for i in range(0, share, self.mb)]}
+            yield {"step": step, "micro_batches": [self.collate(mine[i: i + self.mb], self.root_hint)
+                                                   for i in range(0, share, self.mb)]}
 
-    def collate(self, items: list[dict]) -> dict:
-        from ...schemas.images import load_rgb
-
+    def collate(self, items: list[dict], root_hint: str = "") -> dict:
+        """A micro-batch (module docstring) of ``items``, plus ``rejects``: the items left out because their
+        image is no longer the one the scan checked (``schemas.samples.sample_image``: ``missing_image``,
+        ``image_changed``, …) or the student's processor cannot take it (``processor_error``…), each
+        ``{"id", "reason", "detail"}``. Every item left out → only ``sample_ids`` ([]) and ``rejects``."""
         adapter = self._adapter()
-        encs = []
+        encs, kept, rejects = [], [], []
         for it in items:
-            image = load_rgb(self.image_root, it["row"]["image"]) if it["row"]["image"] is not None else None
-            try:
-                encs.append(adapter.encode(it["conv"], image))
+            try:  # one record's problem, found inside the DataLoader: that record is left out, not the run
+                encs.append(adapter.encode(it["conv"], sample_image(self.image_root, it["row"], root_hint=root_hint)))
+                kept.append(it)
             except Reject as r:
-                raise RuntimeError(f"sample {it['id']}: the student's processor cannot take it "
-                                   f"({r.reason}: {r.detail})") from None
+                rejects.append({"id": it["id"], "reason": r.reason, "detail": r.detail})
+        if not kept:
+            return {"sample_ids": [], "rejects": rejects}
         inputs = adapter.collate([e.inputs for e in encs])
         L = int(inputs["input_ids"].shape[1])
         rows = [b * L + p for b, e in enumerate(encs) for p in e.positions]
-        cat = lambda key: np.concatenate([it["cache"][key] for it in items], 0)  # noqa: E731
-        have = items[0]["cache"]
+        cat = lambda key: np.concatenate([it["cache"][key] for it in kept], 0)  # noqa: E731
+        have = kept[0]["cache"]
         out = {"inputs": inputs, "rows": torch.tensor(rows, dtype=torch.long),
                "targets": torch.from_numpy(cat("token_ids").astype(np.int64))}
         if "hidden" in have:
@@ -212,5 +274,6 @@ class StepDataset(IterableDataset):
             out["t_topk_logprobs"] = torch.from_numpy(cat("topk_logprobs"))
         if "logit_stats" in have:
             out["t_logit_std"] = torch.from_numpy(cat("logit_stats")[:, 1].copy())
-        out["sample_ids"] = [it["id"] for it in items]
+        out["sample_ids"] = [it["id"] for it in kept]
+        out["rejects"] = rejects
         return out

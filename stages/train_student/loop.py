@@ -11,7 +11,10 @@ The student computes logits only at answer positions: ``lm_head(h[rows])``.
 
 Run dir: ``train_student/checkpoints/step_NNNNNN/`` (``save_pretrained`` student + processor,
 ``trainer_state.json``, ``training_state.pt`` with optimizer, scheduler, projector, RNG),
-``metrics.jsonl``, ``tensorboard/``, ``rejects.jsonl``, ``_stage.json``, ``_lock.json``.
+``metrics.jsonl``, ``tensorboard/``, ``rejects.jsonl`` + ``scan.json`` (the scan before training: ``data.scan``),
+``late_rejects.rank<R>.jsonl`` (samples whose image failed only at their step: ``late.py``), ``_stage.json``,
+``_lock.json``. What must agree before any work (student, cache, vocabulary, head sizes, image root): ``compat.py``.
+The LM head is read by the fused loss as it runs, LoRA adapters included: ``head.py``.
 The same command resumes from the newest checkpoint exactly. With ``train_student.lora`` the
 checkpoints hold the adapter instead of the student, the last one also the merged student (``lora.py``).
 With ``train_student.parallel=fsdp`` (FSDP2) they are sharded, the last one also the ``save_pretrained``
@@ -37,10 +40,11 @@ from ...pipeline.config import LlavadiConfig, changed_keys, fingerprint
 from ...pipeline.locks import StageLock
 from ...pipeline.rundir import StageDir
 from ...pipeline.runner import StageError, write_run_config
-from ...schemas.conversation import tokenizer_hash
-from ...schemas.teacher_cache import CacheReader, CacheVersionError
-from . import lora, losses
-from .data import StepDataset, load_adapter, stream_samples, student_tokens
+from ...schemas.teacher_cache import CacheReader
+from . import compat, late, lora, losses
+from .head import operands as head_operands
+from .compat import preflight
+from .data import StepDataset, load_adapter, scan as scan_samples, student_tokens
 from . import parallel  # train_student.parallel=fsdp (FSDP2, sharded checkpoints), gradient_checkpointing
 
 STAGE_DIR = "train_student"
@@ -102,73 +106,15 @@ def init_distributed() -> tuple[int, int, bool]:
 def material(cfg: LlavadiConfig) -> dict:
     c = asdict(cfg.train_student)
     for k in ("num_workers", "save_every_steps", "keep_checkpoints", "log_every_steps", "log_sample_ids",
-              "cache_from", "nonfinite", "gradient_checkpointing"):
+              "cache_from", "nonfinite", "gradient_checkpointing", "cache_image_root"):
         c.pop(k)  # how it runs, not what it computes (a pulled cache is checked by its own fingerprint)
     if not c["lora"]["enabled"]:
         c.pop("lora")  # LoRA off: the fingerprints of runs from before the lora keys existed stay valid
     if c["parallel"] == "ddp":
         c.pop("parallel")  # the default: fingerprints of runs from before the key existed stay valid
     return {"train_student": c, "student_dir": os.path.abspath(cfg.train_student.student or ""),
-            "image_root": cfg.ingest.image_root}
+            "image_root": compat.image_root(cfg)[0]}  # the folder the samples' images are read from
 
-
-def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[str]]:
-    """Problems before any model loads (student path, cache present and complete, vocabulary)."""
-    p = []
-    c = cfg.train_student
-    up = StageDir(run_dir, "cache_teacher")
-    m = up.read_manifest()
-    up_fp = m.get("fingerprint") if m else None
-    if m is None or not (up.path / "index.json").exists() or not m.get("complete"):
-        p.append(f"train-student reads the teacher cache {up.path}, which is missing or incomplete: "
-                 f"run `llavadi cache-teacher {run_dir}` first")
-    if not c.student or not os.path.exists(os.path.join(c.student, "config.json")):
-        p.append(f"train_student.student={c.student!r} is not a model directory: pass --student DIR "
-                 f"(a save_pretrained model of a supported family, with its processor)")
-    if p:
-        return p, up_fp
-    p += student_problems(c)
-    if p:
-        return p, up_fp
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        meta = CacheReader(up.path, verify=False).meta
-    except CacheVersionError as e:
-        return p + [str(e)], up_fp
-    tok = AutoTokenizer.from_pretrained(c.student)
-    if tokenizer_hash(tok) != meta["tokenizer_sha256"]:
-        p.append(f"the student's vocabulary ({c.student}) differs from the teacher's "
-                 f"(tokenizer hash {tokenizer_hash(tok)} vs the cache's {meta['tokenizer_sha256']}): "
-                 f"distillation needs the same tokenizer; pick a student built on the teacher's vocabulary")
-    scfg = AutoConfig.from_pretrained(c.student)
-    V = int(getattr(scfg, "text_config", scfg).vocab_size)
-    if c.kd.exact and V != meta["vocab_size"]:
-        p.append(f"train_student.kd.exact needs equal output sizes: student {V}, teacher {meta['vocab_size']}")
-    p += cache_field_problems(cfg, meta, run_dir)
-    return p, up_fp
-
-
-def cache_field_problems(cfg: LlavadiConfig, meta: dict, run_dir: Path) -> list[str]:
-    """A loss that reads a field the cache does not hold is refused before training, naming the
-    ``cache_teacher`` key that makes the cache hold it."""
-    c = cfg.train_student
-    have = {f["name"] for f in meta.get("fields", [])}
-    fix = f"and rerun `llavadi cache-teacher {run_dir} --force`"
-    p = []
-    if c.feature_weight > 0 and "hidden" not in have:
-        p.append(f"train_student.feature_weight > 0 needs the teacher's final hidden states, which this cache lacks: "
-                 f"set cache_teacher.hidden_layers=[-1] {fix} (or train_student.feature_weight=0)")
-    if c.kd_weight > 0 and c.kd.exact and "hidden" not in have:
-        p.append(f"train_student.kd.exact needs the teacher's final hidden states (with teacher_head.safetensors), "
-                 f"which this cache lacks: set cache_teacher.hidden_layers=[-1] {fix}")
-    if c.kd_weight > 0 and not c.kd.exact and "topk_ids" not in have:
-        p.append(f"train_student.kd (top-k + tail) needs the teacher's top-k log-probs, which this cache lacks "
-                 f"(cache_teacher.logits={meta.get('logits')!r}): set cache_teacher.logits=topk {fix}, or "
-                 f"train_student.kd.exact=true with hidden states")
-    if c.kd_weight > 0 and c.kd.standardize and not c.kd.exact and "logit_stats" not in have:
-        p.append(f"train_student.kd.standardize needs the teacher's logit statistics: set cache_teacher.logits=topk {fix}")
-    return p
 
 
 def frozen_parameters(student, family, c) -> set[str]:
@@ -180,27 +126,6 @@ def frozen_parameters(student, family, c) -> set[str]:
         if flag:
             out.update(family.group_params(student, group))
     return out
-
-
-def student_problems(c) -> list[str]:
-    """The student is of a supported family, its prompt format renders, and every ``freeze_*`` that is
-    on matches parameters (checked on a meta-device model: no weights loaded)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from ...models import family_of
-    from ...models.adapter import check_model
-
-    _, problems = check_model(c.student, c.prompt_format, "train_student.student", "train_student.prompt_format")
-    if problems:
-        return problems
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(c.student))
-    try:
-        frozen_parameters(model, family_of(c.student), c)
-    except ValueError as e:
-        return [f"train_student.freeze_*: {e}"]
-    return lora.problems(model, family_of(c.student), c)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
@@ -253,10 +178,11 @@ def step_loss(head, h, proj, mb: dict, cfg: LlavadiConfig, head_t: Optional[dict
         elif c.kd_weight > 0:
             teacher = dict(topk_ids=mb["t_topk_ids"], topk_logprobs=mb["t_topk_logprobs"],
                            teacher_logit_std=mb["t_logit_std"])
+        x, w, b = head_operands(head, h)  # the head as it runs: LoRA on lm_head included (head.py)
         head_loss, ce, kd = losses.fused_head_loss(
-            h, head.weight, getattr(head, "bias", None), targets=mb["targets"], ce_weight=c.ce_weight,
+            x, w, b, targets=mb["targets"], ce_weight=c.ce_weight,
             kd_weight=c.kd_weight, kind=c.kd.kind, beta=c.kd.beta, temperature=c.kd.temperature,
-            standardize=c.kd.standardize, block_rows=block_rows(head.weight.shape[0], c.kd.chunk_size, h.device),
+            standardize=c.kd.standardize, block_rows=block_rows(w.shape[0], c.kd.chunk_size, h.device),
             **teacher)
         total = total + head_loss
         if c.ce_weight > 0:
@@ -441,23 +367,14 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
     st = student_tokens(c.student, c.prompt_format)
     adapter = load_adapter(c.student, c.prompt_format)
 
-    # scan once (rank 0 writes it): valid sample count for the schedule, rejects with reasons
-    scan_file = sd.path / "scan.json"
-    scan = json.loads(scan_file.read_text()) if scan_file.exists() else None
-    if not scan or scan.get("fingerprint") != fp:
-        rejects: list = []
-        n_valid = sum(1 for _ in stream_samples(run_dir, st, rejects))
-        by_reason: dict = {}
-        for r in rejects:
-            by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
-        scan = {"fingerprint": fp, "valid": n_valid, "rejected": by_reason}
-        if rank == 0:
-            atomic.write_jsonl(sd.path / "rejects.jsonl", rejects)
-            atomic.write_json(scan_file, scan)
+    # scan once: valid sample count for the schedule, rejects with reasons (missing / changed images included)
+    root, root_from = compat.image_root(cfg)
+    scan, skip = scan_samples(run_dir, st, sd.path, fp, root, compat.ROOT_HINT, world)
     steps_per_epoch = scan["valid"] // c.batch_size
     if steps_per_epoch < 1:
         raise StageError(f"train-student: {scan['valid']} usable samples < batch_size={c.batch_size} "
-                         f"(rejected: {scan['rejected'] or 'none'}): lower train_student.batch_size or cache more data")
+                         f"(rejected: {scan['rejected'] or 'none'}; see {sd.path / 'rejects.jsonl'}; images read from "
+                         f"{root} ({root_from})): lower train_student.batch_size or cache more data")
     total_steps = c.max_steps or steps_per_epoch * c.epochs
 
     ht = CacheReader(run_dir / "cache_teacher", verify=False).spec.hidden_size
@@ -509,6 +426,8 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
                   file=sys.stderr)
     metrics_path = sd.path / "metrics.jsonl"
     ids_path = sd.path / f"sample_ids.rank{rank}.jsonl"
+    late_path = sd.path / f"late_rejects.rank{rank}.jsonl"
+    _truncate_metrics(late_path, state["global_step"])
     if c.log_sample_ids:
         _truncate_metrics(ids_path, state["global_step"])
     tb = None
@@ -526,9 +445,10 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
     t_last = time.time()
     model.train()
     while state["global_step"] < total_steps:
-        ds = StepDataset(run_dir, st, cfg.ingest.image_root, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
+        ds = StepDataset(run_dir, st, root, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
                          rank=rank, world=world, seed=c.seed, epoch=state["epoch"], shuffle_buffer=c.shuffle_buffer,
-                         start_step=state["step_in_epoch"], max_steps=steps_per_epoch)
+                         start_step=state["step_in_epoch"], max_steps=steps_per_epoch, skip=skip,
+                         root_hint=compat.ROOT_HINT)
         # its own generator: each new iterator draws a base seed, which from the global RNG would shift every later
         # dropout mask (LoRA's) on resume — a relaunch makes one more iterator than the uninterrupted run
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=c.num_workers, persistent_workers=False,
@@ -538,11 +458,8 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
             if state["global_step"] >= total_steps:
                 break
             stepped = True
-            mbs = item["micro_batches"]
-            n_local = sum(len(mb["targets"]) for mb in mbs)
-            n_global = torch.tensor(float(n_local), device=device)  # on the device: NCCL reduces no CPU tensor
-            if world > 1:
-                dist.all_reduce(n_global)
+            g = late.gate(item["micro_batches"], world, device)  # samples whose image failed at load: left out
+            mbs, n_global = g.run, g.n_global
             sums: dict = {}
             ok_local = True  # every micro-batch loss of this rank finite
             for i, mb in enumerate(mbs):
@@ -579,6 +496,7 @@ def _train_locked(run_dir, cfg, sd, fp, mat, up_fp, rank, world, force, progress
                 rec["skipped_nonfinite"] = state["skipped_nonfinite"]  # steps skipped so far
                 if not applied:
                     rec["skipped"] = True
+            late.log(late_path, state, g, rec, rank)
             now = time.time()
             rec["tokens_per_s"] = round(n_tok / max(1e-9, now - t_last), 1)
             t_last = now

@@ -18,11 +18,20 @@ What trains (``wrap``):
   ``modules_to_save`` would keep a second copy of what it wraps.
 - llavadi's feature projector (``loop.Projector``) is untouched: trained and checkpointed in
   ``training_state.pt`` as without LoRA.
+- ``lm_head`` and ``embed_tokens`` may be targets too (issue #22 class 6). The embeddings run in the
+  student's own forward, so PEFT's ``lora.Embedding`` (``E[id] + (alpha / rank) · (B A)ᵀ[id]``) trains as
+  any layer. The LM head is not called by the loss — ``losses.fused_head_loss`` reads its weight — so
+  ``head.operands`` hands the loss the adapted head's effective operands (base weight and ``B``, input and
+  ``s·A dropout(h)``): the adapter gets its gradient and the merged head is ``W + s·B A``. Refused before
+  work: either target on a student whose embeddings and head are one tied matrix (merging would change
+  both), and an adapted head the fused loss cannot read (DoRA…: ``head.problems``).
 
 Checkpoint layout (``save``), ``train_student/checkpoints/step_NNNNNN/``:
 
 - ``adapter/adapter_config.json`` + ``adapter/adapter_model.safetensors``: PEFT's own format
-  (``PeftModel.save_pretrained``; ``PeftModel.from_pretrained(student, "…/adapter")`` loads it);
+  (``PeftModel.save_pretrained``; ``PeftModel.from_pretrained(student, "…/adapter")`` loads it), the
+  adapter tensors only: ``save_embedding_layers=False``, since PEFT's default would add the whole base
+  embedding / head matrix whenever ``embed_tokens`` / ``lm_head`` is a target, though LoRA never changes it;
   ``adapter/trained_base_params.safetensors``: the parameters trained in full (base-model names,
   float32 as trained). Kept inside ``adapter/`` so that no stray ``*.safetensors`` sits beside a
   merged student (vLLM loads every ``*.safetensors`` of a model directory).
@@ -50,8 +59,10 @@ ADAPTER_NAME = "default"  # PEFT's adapter name (dropped from the saved keys by 
 
 
 def is_lora_param(name: str) -> bool:
-    """A LoRA parameter of the wrapped student (``….lora_A.default.weight``, ``….lora_B.default.weight``)."""
-    return ".lora_A." in name or ".lora_B." in name
+    """A LoRA parameter of the wrapped student: PEFT's ``lora_`` prefix (``peft.tuners.lora.LoraModel.prefix``,
+    what its ``mark_only_lora_as_trainable`` tests) — ``….lora_A.default.weight`` / ``lora_B`` of a Linear,
+    ``….lora_embedding_A.default`` / ``lora_embedding_B`` of an Embedding."""
+    return ".lora_" in name
 
 
 def target_regex(modules: list[str]) -> str:
@@ -83,17 +94,31 @@ def peft_config(model, family, c):
 
 
 def problems(model, family, c) -> list[str]:
-    """Config problems found on a (meta-device) student before any weight loads."""
+    """Config problems found on a (meta-device) student before any weight loads: LoRA with FSDP, target names
+    matching no LM layer, ``embed_tokens``/``lm_head`` targets on tied embeddings, and an adapted LM head the fused
+    head loss cannot read (``head.problems``; ``model`` is wrapped in place to see it, so pass a throwaway)."""
     if not c.lora.enabled:
         return []
     if getattr(c, "parallel", "ddp") != "ddp":  # FSDP's sharded checkpoints hold no adapter (not built nor tested)
         return [f"train_student.lora.enabled=true is not supported with parallel={c.parallel} (FSDP's sharded "
                 f"checkpoints hold no adapter): use parallel=ddp"]
     try:
-        peft_config(model, family, c)
+        cfg, mods = peft_config(model, family, c)
     except ValueError as e:
         return [f"train_student.lora.target_modules: {e}"]
-    return []
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    io_names = {n for n, m in model.named_modules() if m is out_emb or m is in_emb}
+    if io_names & set(mods) and out_emb is not None and out_emb.weight is in_emb.weight:
+        # one matrix: merge_and_unload would add the embedding's (or head's) update to both
+        return [f"train_student.lora.target_modules adapts {sorted(io_names & set(mods))} of a student whose input "
+                f"embeddings and LM head are one tied matrix: the merged student would not be the one trained "
+                f"(merging changes both); leave embed_tokens and lm_head out of the targets"]
+    from peft import get_peft_model
+
+    from . import head
+
+    get_peft_model(model, cfg, adapter_name=ADAPTER_NAME)  # on the meta model: the head exactly as training sees it
+    return [f"train_student.lora.target_modules: {p}" for p in head.problems(model.get_output_embeddings())]
 
 
 def trained_in_full(student, family, frozen: set[str]) -> list[str]:
@@ -134,7 +159,7 @@ def load(peft_model, ckpt: Path) -> None:
     student = peft_model.base_model.model
     dev = next(student.parameters()).device
     sd = load_file(str(ckpt / ADAPTER_DIR / "adapter_model.safetensors"), device=str(dev))
-    want = set(get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME))
+    want = set(get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME, save_embedding_layers=False))
     if set(sd) != want:
         raise RuntimeError(f"{ckpt}/{ADAPTER_DIR}: adapter keys differ from this run's LoRA setup "
                            f"(e.g. {sorted(set(sd) ^ want)[:4]})")
@@ -161,7 +186,9 @@ def save(peft_model, model_adapter, out_dir: Path, *, merged: bool) -> None:
     out_dir = Path(out_dir)
     student = peft_model.base_model.model
     ad = out_dir / ADAPTER_DIR
-    peft_model.save_pretrained(str(ad))
+    # the adapter's own tensors only: with embed_tokens / lm_head among the targets PEFT's default ("auto") would
+    # also save the whole base embedding / head matrix, which LoRA never changes (the base is train_student.student)
+    peft_model.save_pretrained(str(ad), save_embedding_layers=False)
     full = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in student.named_parameters()
             if p.requires_grad and not is_lora_param(n)}
     save_file(full, str(ad / TRAINED_FILE), metadata={"format": "pt"})

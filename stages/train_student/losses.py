@@ -78,6 +78,9 @@ tail is ~0 (k = V, or a teacher whose top-k holds all the mass, e.g. after float
 the top-k sum exceed 1). The guard is part of the formula in every dtype (float32 and float64
 compute the same function; the perturbation is below float32 resolution of the bucket masses).
 A ``-inf`` top-k log-prob is a zero-probability bucket, under the zero-probability rule above.
+A top-k id ``>= V`` (a row of a padded teacher head that the student's head lacks; issue #22) is no bucket:
+its teacher probability joins the tail, and the student's tail is its mass outside the in-range ids, so both
+are coarsened to {each in-range top-k id, everything else} (``_out_of_range``).
 At ``T = 1`` (and no standardization) the loss is the exact divergence between the coarsened
 distributions.
 
@@ -284,6 +287,8 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
     ``student_logits`` or ``topk_logprobs`` is float64, else float32 (the teacher's tail mass is
     formed in float64 either way), and returns that dtype: a scalar (``"mean"``/``"sum"``) or
     ``[N]`` (``"none"``). Finite with ``-inf`` entries in ``topk_logprobs`` (zero-probability rule).
+    An id ``>= V`` (a teacher head row the student lacks) is no bucket: its teacher mass joins the tail
+    (``_out_of_range`` above).
     """
     _check_kd_args(kind, beta, temperature, reduction)
     if student_logits.dim() != 2:
@@ -310,18 +315,57 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
             z = _standardize(z)
         log_q_full = F.log_softmax(z / t, dim=-1)
         ids = topk_ids.long()
-        log_q_top = log_q_full.gather(-1, ids)
-        in_topk = torch.zeros_like(log_q_full, dtype=torch.bool).scatter_(-1, ids, True)
+        oob = _out_of_range(ids, v)
+        log_q_top = _gather(log_q_full, ids, oob, torch.finfo(log_q_full.dtype).min)
+        # the student's top-k mask over its own rows; an id it lacks marks the extra column v, dropped
+        in_topk = torch.zeros((n, v + 1), dtype=torch.bool, device=ids.device).scatter_(
+            -1, ids if oob is None else ids.masked_fill(oob, v), True)[:, :v]
         # finfo.min, not -inf: an all-masked row (k == V) stays finite in value and in gradient
         log_q_tail = torch.logsumexp(log_q_full.masked_fill(in_topk, torch.finfo(log_q_full.dtype).min),
                                      dim=-1, keepdim=True)
         log_q_tail = torch.logaddexp(log_q_tail, torch.full_like(log_q_tail, math.log(TAIL_EPS)))
         log_q = F.log_softmax(torch.cat([log_q_top, log_q_tail], dim=-1), dim=-1)
 
-        log_p = _teacher_topk_buckets(topk_logprobs, t, standardize, teacher_logit_std, dt)
+        log_p = _teacher_topk_buckets(_drop_teacher(topk_logprobs, oob), t, standardize, teacher_logit_std, dt)
 
         rows = _divergence_rows(log_p, log_q, kind, beta) * (t * t)
         return _reduce(rows, reduction)
+
+
+# ------------------------------------------------- top-k ids beyond the student's head (issue #22 class 4)
+# A teacher head padded past the tokenizer (llava-1.5-hf: 32064 rows for 32002 tokens) can put such a padding
+# row in its top-k; a student with fewer rows (32002) has no logit there. Such an entry is no bucket: its
+# teacher probability joins the teacher's tail (formed as 1 - the sum over the remaining top-k entries), and
+# the student's tail is its mass outside the in-range top-k ids. Both are then the same coarsening — each
+# in-range top-k id, plus everything else — and the divergence is exact between those coarsened distributions
+# (the teacher's "everything else" includes its rows the student lacks). The empty bucket is -inf for the
+# teacher (the zero-probability rule) and finfo.min for the student (zero mass, but finite: JSD's mixture and
+# its gradient stay finite where both sides are empty).
+def _out_of_range(ids: torch.Tensor, v: int) -> Optional[torch.Tensor]:
+    """``ids >= v`` ``[n, k]`` bool, or None when every id is a row of the student's head (the usual case)."""
+    oob = ids >= v
+    return oob if bool(oob.any()) else None
+
+
+def _gather(x: torch.Tensor, ids: torch.Tensor, oob: Optional[torch.Tensor], fill: float) -> torch.Tensor:
+    """``x.gather(-1, ids)`` ``[n, k]``, with ``fill`` where ``oob``."""
+    if oob is None:
+        return x.gather(-1, ids)
+    return x.gather(-1, ids.masked_fill(oob, 0)).masked_fill(oob, fill)
+
+
+def _put_(x: torch.Tensor, ids: torch.Tensor, oob: Optional[torch.Tensor], vals: torch.Tensor) -> torch.Tensor:
+    """``x.scatter_(-1, ids, vals)`` over the in-range entries only (distinct per row: deterministic)."""
+    if oob is None:
+        return x.scatter_(-1, ids, vals)
+    sel = (~oob).nonzero(as_tuple=True)
+    x[sel[0], ids[sel]] = vals[sel].to(x.dtype)
+    return x
+
+
+def _drop_teacher(topk_logprobs: torch.Tensor, oob: Optional[torch.Tensor]) -> torch.Tensor:
+    """The teacher's log-probs with out-of-range entries at ``-inf``: their mass goes to its tail bucket."""
+    return topk_logprobs if oob is None else topk_logprobs.masked_fill(oob, float("-inf"))
 
 
 # ------------------------------------------------------------------------------ full vocab
@@ -522,14 +566,17 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
             g_kd = (qt - log_p.exp()).mul_(coef)
     else:
         ids = blk["topk_ids"].long()
-        q_top = qt.gather(-1, ids)  # [n, k]
+        oob = blk.get("topk_oob")  # [n, k] bool: ids the student's head lacks (None: all in range)
+        q_top = _gather(qt, ids, oob, 0.0)  # [n, k]
         # the tail mass summed directly over the complement (exact when tiny): zero the top-k, sum, restore
-        qt.scatter_(-1, ids, 0.0)
+        _put_(qt, ids, oob, torch.zeros_like(q_top))
         q_tail = qt.sum(-1, keepdim=True)
-        qt.scatter_(-1, ids, q_top)
+        _put_(qt, ids, oob, q_top)
         u_tail = q_tail + TAIL_EPS
-        log_q = F.log_softmax(torch.cat([zt_s.gather(-1, ids) - lse_t, torch.log(u_tail)], dim=-1), dim=-1)
-        log_p = _teacher_topk_buckets(blk["topk_logprobs"], t, standardize, blk.get("teacher_logit_std"), z.dtype)
+        z_top = _gather(zt_s - lse_t, ids, oob, torch.finfo(z.dtype).min)
+        log_q = F.log_softmax(torch.cat([z_top, torch.log(u_tail)], dim=-1), dim=-1)
+        log_p = _teacher_topk_buckets(_drop_teacher(blk["topk_logprobs"], oob), t, standardize,
+                                      blk.get("teacher_logit_std"), z.dtype)
         kd = _kl_rows(log_p, log_q) * (t * t)
         if want_grad:
             # buckets u = (q_top, q_tail + eps), sum(u) = 1 + eps constant in z, so for KL(p || u / sum u):
@@ -551,14 +598,14 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
             g.add_(q, alpha=ce_w)
     else:
         if use_ce:  # CE's share q_j at the top-k ids (q at T = 1; q_top is a copy taken before q changes)
-            g_kd_top = g_kd_top + ce_w * (q_top if t == 1.0 else q.gather(-1, ids))
+            g_kd_top = g_kd_top + ce_w * (q_top if t == 1.0 else _gather(q, ids, oob, 0.0))
         if t == 1.0:  # qt is q: one in-place pass gives CE's and KD's share of q
             g = q.mul_((c - r) * coef + (ce_w if use_ce else 0.0))
         else:
             g = qt.mul_((c - r) * coef)
             if use_ce:
                 g.add_(q, alpha=ce_w)
-        g.scatter_(-1, ids, g_kd_top)
+        _put_(g, ids, oob, g_kd_top)  # an out-of-range entry is no column: its column keeps the tail formula
     if use_ce:
         g.scatter_add_(-1, blk["targets"].view(-1, 1), torch.full_like(lse, -ce_w))
     return ce, kd, g
@@ -677,6 +724,9 @@ def fused_head_loss(student_hidden: torch.Tensor, head_weight: torch.Tensor, hea
             if standardize and (teacher_logit_std is None or teacher_logit_std.numel() != n):
                 raise ValueError("standardize=True on the top-k path needs teacher_logit_std [N]")
             rows["topk_ids"], rows["topk_logprobs"] = topk_ids, topk_logprobs
+            oob = _out_of_range(topk_ids, v)  # teacher head rows the student lacks: their mass goes to the tail
+            if oob is not None:
+                rows["topk_oob"] = oob
             if teacher_logit_std is not None:
                 rows["teacher_logit_std"] = teacher_logit_std.reshape(n)
     spec["dtype"] = _compute_dtype(student_hidden, head_weight, head_bias, *(
