@@ -205,7 +205,7 @@ def _stage_command(stage, common: Common, flags: list[str]) -> None:
 @stage_command("ingest")
 def ingest(common: Common,
            input: Optional[List[str]] = typer.Option(None, "--input", "-i", metavar="FILE", help="LLaVA .json list, .jsonl or .parquet (repeatable)"),
-           image_root: Optional[str] = typer.Option(None, "--image-root", metavar="DIR", help="folder that image paths are relative to"),
+           image_root: Optional[str] = typer.Option(None, "--image-root", metavar="DIR", help="folder that image paths are relative to (not needed for a Parquet whose rows hold the images)"),
            shard_size: Optional[int] = typer.Option(None, "--shard-size", metavar="N", help="records per shard")) -> None:
     """Validate LLaVA-format records and write Parquet sample shards to RUN/data/."""
     from .stages.ingest import STAGE

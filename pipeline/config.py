@@ -71,7 +71,7 @@ class IngestConfig:
     """``llavadi ingest``: LLaVA JSON / JSONL / Parquet → Parquet sample shards."""
 
     inputs: list[str] = field(default_factory=list)  # paths or fsspec URLs (--input): .json (a list), .jsonl, .parquet
-    image_root: Optional[str] = None  # image paths in records are relative to this
+    image_root: Optional[str] = None  # image paths in records are relative to this (images embedded in a Parquet go to RUN/data/images/)
     shard_size: int = 1000  # records per output shard
     max_chars: int = 65536  # a conversation longer than this (all turns) is rejected
     check_images: bool = True  # open + decode every image (sha256 is always computed)

@@ -68,29 +68,34 @@ class ImageLoadError(ValueError):
         super().__init__(f"{reason}: {detail}")
 
 
-def load_rgb(image_root: str | Path | None, rel: str) -> Image.Image:
-    """Open ``image_root / rel`` (``rel`` alone when ``image_root`` is None), decode it and return
+def load_rgb(image_root: str | Path | None, rel: str, run_dir: str | Path | None = None) -> Image.Image:
+    """Open ``image_root / rel`` (``rel`` alone when ``image_root`` is None; a store reference
+    ``run:data/images/…`` under ``run_dir``: ``schemas.image_store``), decode it and return
     ``to_rgb`` of it: a loaded PIL image, mode ``"RGB"``, 8 bits per channel, independent of the file.
 
     Raises ``ImageLoadError`` (reason ``missing_image``, ``undecodable_image`` or
     ``unsupported_image``). ``rel`` is not checked for ``..`` here: ingest has refused such paths
     before any stage reads them."""
-    path = Path(image_root or "") / rel
+    from .image_store import resolve
+
     try:
-        data = path.read_bytes()
-    except OSError as e:  # FileNotFoundError, IsADirectoryError, PermissionError, I/O errors
-        raise ImageLoadError("missing_image", f"{rel}: {type(e).__name__}: {e.strerror or e}") from None
+        data = resolve(image_root, rel, run_dir).read_bytes()
+    except (OSError, ValueError) as e:  # no such file, a directory, no permission, I/O; a store ref without a run
+        raise ImageLoadError("missing_image", f"{rel}: {type(e).__name__}: {getattr(e, 'strerror', None) or e}") from None
     return decode_rgb(data, rel)
 
 
 def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
     """The bytes of an image file → ``to_rgb`` of its first frame (``"RGB"``, uint8). ``name`` only
     labels error messages. Raises ``ImageLoadError`` (``undecodable_image``/``unsupported_image``)."""
+    buf = io.BytesIO(data)
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(buf)
         im.load()
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
-        raise ImageLoadError("undecodable_image", f"{name}: {type(e).__name__}: {e}") from None
+        # Pillow names the buffer by its memory address: not in a reject (rerun bytes must match)
+        msg = str(e).replace(" " + repr(buf), "").replace(repr(buf), "the image")
+        raise ImageLoadError("undecodable_image", f"{name}: {type(e).__name__}: {msg}") from None
     try:
         return to_rgb(im)
     except ImageLoadError as e:

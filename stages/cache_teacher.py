@@ -93,7 +93,7 @@ class CacheTeacherStage:
         image = None
         if row["image"] is not None:
             try:
-                image = load_image(ctx.cfg.ingest.image_root, row["image"])
+                image = load_image(ctx.cfg.ingest.image_root, row["image"], ctx.run_dir)
             except Exception as e:  # noqa: BLE001
                 raise Reject("image_error", f"{row['image']}: {type(e).__name__}: {e}") from None
         enc = forcer.adapter.encode(conv, image)

@@ -168,8 +168,8 @@ def read_questions(data: str, image_root: Optional[str], max_chars: int, check_i
     list / .jsonl / .parquet: one question per human turn, the next gpt turn is the reference) or a
     LLaVA question file. Every record goes through ingest's validator; duplicate ids: the first
     one wins (as in ingest). ``limit`` > 0 stops after that many questions."""
-    from ..schemas.samples import GPT, HUMAN, Reject, validate_record
-    from .ingest_reader import RAW_PREVIEW_CHARS, _id_key, read_raw
+    from ..schemas.samples import GPT, HUMAN, Reject, reject_entry, validate_record
+    from .ingest_reader import _id_key, read_raw
 
     root = Path(image_root) if image_root else None
     qs: list[Question] = []
@@ -195,10 +195,8 @@ def read_questions(data: str, image_root: Optional[str], max_chars: int, check_i
                 seen.add(key)
             row = validate_record(rec, root, max_chars, check_images)
         except Reject as r:
-            rid = _id_key(rec) if rec is not None else None
-            raw = item.get("raw") or ""
-            rejects.append({"source": item["source"], "id": rid, "reason": r.reason, "detail": r.detail,
-                            **({"raw": raw[:RAW_PREVIEW_CHARS]} if raw else {})})
+            rejects.append(reject_entry(item["source"], _id_key(rec) if rec is not None else None, r.reason, r.detail,
+                                        item.get("raw")))
             continue
         conv = row["conversations"]
         k = 0
@@ -369,7 +367,7 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], reje
         n += len(mb["targets"])
 
     for it in stream_samples(run_dir, st, rejects):
-        problem = _cache_image_problem(image_root, it["row"])
+        problem = _cache_image_problem(image_root, it["row"], run_dir)
         if problem is not None:
             rejects.append({"id": it["id"], "reason": problem.reason, "detail": problem.detail})
             continue
@@ -387,18 +385,20 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], reje
     return out
 
 
-def _cache_image_problem(image_root: Optional[str], row: dict):
+def _cache_image_problem(image_root: Optional[str], row: dict, run_dir: Path):
     """None, or the ``Reject`` that keeps a cache sample out: its image is missing under
-    ``image_root`` or differs from the one the cache was made from (sha256 recorded by ingest)."""
+    ``image_root`` (or, for an image that came embedded, in the image store of the cache's run
+    ``run_dir``) or differs from the one the cache was made from (sha256 recorded by ingest)."""
+    from ..schemas import image_store
     from ..schemas.samples import Reject, check_image
 
     if row.get("image") is None:
         return None
-    if not image_root:
+    if not image_root and not image_store.is_ref(row["image"]):
         return Reject("missing_image", "no image root for the cache's samples: pass --cache-image-root "
                                        "(eval.cache_image_root)")
     try:
-        sha = check_image(Path(image_root), row["image"], False)
+        sha = check_image(Path(image_root) if image_root else None, row["image"], False, run_dir)
     except Reject as r:
         return r
     if row.get("image_sha256") and sha != row["image_sha256"]:

@@ -178,7 +178,7 @@ class StepDataset(IterableDataset):
         adapter = self._adapter()
         encs = []
         for it in items:
-            image = load_rgb(self.image_root, it["row"]["image"]) if it["row"]["image"] is not None else None
+            image = load_rgb(self.image_root, it["row"]["image"], self.run_dir) if it["row"]["image"] is not None else None
             try:
                 encs.append(adapter.encode(it["conv"], image))
             except Reject as r:
