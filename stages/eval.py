@@ -385,7 +385,7 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], reje
     return out
 
 
-def _cache_image_problem(image_root: Optional[str], row: dict, run_dir: Path):
+def _cache_image_problem(image_root: Optional[str], row: dict, run_dir: Optional[Path] = None):
     """None, or the ``Reject`` that keeps a cache sample out: its image is missing under
     ``image_root`` (or, for an image that came embedded, in the image store of the cache's run
     ``run_dir``) or differs from the one the cache was made from (sha256 recorded by ingest)."""
