@@ -78,7 +78,7 @@ COMMON: tuple = (
     ("executor", Optional[str], lambda h: typer.Option(None, "--executor", help=h, metavar="NAME", callback=_executor),
      _key_help("run.executor") + "; ray = Ray actors, local = in-process, one shard after another"),
     ("ray_address", Optional[str], lambda h: typer.Option(None, "--ray-address", help=h, metavar="ADDR"),
-     "run.ray_address: join this Ray cluster (default: start an embedded one)"),
+     "run.ray_address: join this Ray cluster (host:port, or auto: the one running here; default: $RAY_ADDRESS if set, else start an embedded one; local: embedded)"),
     ("force", bool, lambda h: typer.Option(False, "--force", help=h),
      "delete this stage's outputs and redo it"),
     ("dry_run", bool, lambda h: typer.Option(False, "--dry-run", help=h),
@@ -205,7 +205,7 @@ def _stage_command(stage, common: Common, flags: list[str]) -> None:
 @stage_command("ingest")
 def ingest(common: Common,
            input: Optional[List[str]] = typer.Option(None, "--input", "-i", metavar="FILE", help="LLaVA .json list, .jsonl or .parquet (repeatable)"),
-           image_root: Optional[str] = typer.Option(None, "--image-root", metavar="DIR", help="folder that image paths are relative to"),
+           image_root: Optional[str] = typer.Option(None, "--image-root", metavar="DIR", help="folder that image paths are relative to (not needed for a Parquet whose rows hold the images)"),
            shard_size: Optional[int] = typer.Option(None, "--shard-size", metavar="N", help="records per shard")) -> None:
     """Validate LLaVA-format records and write Parquet sample shards to RUN/data/."""
     from .stages.ingest import STAGE

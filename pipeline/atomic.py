@@ -59,7 +59,16 @@ def write_json(final: Path, obj: Any) -> None:
 
 
 def write_jsonl(final: Path, rows: list[dict]) -> None:
-    write_bytes(final, b"".join((json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n").encode() for r in rows))
+    write_bytes(final, b"".join(_jsonl_line(r) for r in rows))
+
+
+def _jsonl_line(r: dict) -> bytes:
+    try:
+        return (json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:
+        # an unpaired surrogate (e.g. the id of a not_utf8 reject) has no UTF-8 form: this line is
+        # written \u-escaped, valid UTF-8 JSON that reads back to the same strings
+        return (json.dumps(r, sort_keys=True) + "\n").encode()
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:

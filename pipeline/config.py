@@ -47,7 +47,7 @@ class RunConfig:
     """Where and how stages execute. Not fingerprinted."""
 
     executor: Literal["ray", "local"] = "ray"  # ray: shards in Ray actors; local: in-process, one shard after another (debugging)
-    ray_address: Optional[str] = None  # None: start an embedded local cluster
+    ray_address: Optional[str] = None  # host:port of a cluster to join, or auto (the one running on this machine); None: $RAY_ADDRESS if set, else an embedded cluster; local: embedded even with $RAY_ADDRESS
     num_cpus: int = 2  # embedded cluster size; with 1 CPU an actor asking for 1 CPU deadlocks
     num_workers: int = 2  # shard workers (Ray actors) per stage
     cpus_per_worker: float = 1.0  # Ray CPUs each shard worker asks for
@@ -71,7 +71,7 @@ class IngestConfig:
     """``llavadi ingest``: LLaVA JSON / JSONL / Parquet → Parquet sample shards."""
 
     inputs: list[str] = field(default_factory=list)  # paths or fsspec URLs (--input): .json (a list), .jsonl, .parquet
-    image_root: Optional[str] = None  # image paths in records are relative to this
+    image_root: Optional[str] = None  # image paths in records are relative to this (images embedded in a Parquet go to RUN/data/images/)
     shard_size: int = 1000  # records per output shard
     max_chars: int = 65536  # a conversation longer than this (all turns) is rejected
     check_images: bool = True  # open + decode every image (sha256 is always computed)

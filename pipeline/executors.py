@@ -18,10 +18,10 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 from .config import RunConfig
-from .stage import ShardResult, ShardTask, Stage, StageContext, execute_shard
+from .stage import ShardResult, ShardTask, Stage, StageContext, StageError, execute_shard
 
 log = logging.getLogger("llavadi")
 
@@ -44,22 +44,50 @@ def _ray_env_vars() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(keep)}
 
 
+def ray_target(run_cfg: RunConfig) -> tuple[Optional[str], str]:
+    """(the cluster address to join — None: start an embedded cluster —, where it comes from).
+
+    Every way a Ray user names a cluster (issue #22): ``--ray-address`` / ``run.ray_address``
+    (a ``host:port``, or ``auto`` = the cluster running on this machine), else
+    ``RAY_ADDRESS`` (what ``ray job submit`` sets for its entrypoint), else an embedded cluster.
+    ``local`` forces the embedded one even when ``RAY_ADDRESS`` is set."""
+    addr = (run_cfg.ray_address or "").strip()
+    if addr == "local":
+        return None, "run.ray_address=local"
+    if addr:
+        return addr, "--ray-address / run.ray_address"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env and env != "local":
+        return env, "the RAY_ADDRESS environment variable"
+    return None, "no address given"
+
+
 def init_ray(run_cfg: RunConfig) -> bool:
-    """Join ``run.ray_address`` or start an embedded cluster. Returns True when we started it."""
+    """Attach this driver to Ray; returns True when this call connected it (the caller then
+    disconnects), False when the driver was already attached (a program that called ``ray.init``
+    itself: its cluster and connection are left alone).
+
+    Joining a cluster passes no resources (Ray refuses ``num_cpus`` when connecting: the cluster's
+    nodes declare theirs); the embedded cluster is started with ``address="local"`` and
+    ``run.num_cpus``, so a cluster left running on this machine is never joined by accident.
+    ``StageError`` when the named cluster cannot be reached."""
     import ray
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = dict(
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-        runtime_env={"env_vars": _ray_env_vars()},
-    )
-    if run_cfg.ray_address:
-        ray.init(address=run_cfg.ray_address, **kwargs)
-    else:
-        ray.init(num_cpus=run_cfg.num_cpus, **kwargs)
+    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    addr, source = ray_target(run_cfg)
+    if addr is None:
+        ray.init(address="local", num_cpus=run_cfg.num_cpus, **kwargs)
+        return True
+    kwargs.pop("include_dashboard")  # a cluster's own setting
+    try:
+        ray.init(address=addr, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        raise StageError(
+            f"cannot join the Ray cluster {addr!r} (from {source}): {type(e).__name__}: {str(e).strip()[:500]}\n"
+            f"Start it (`ray start --head` on its head node), correct the address, or give none to run an "
+            f"embedded cluster (unset RAY_ADDRESS, or pass --ray-address local).") from None
     return True
 
 
@@ -104,7 +132,10 @@ class RayExecutor:
         started = init_ray(self.run_cfg)
         res = worker_resources(stage, ctx)
         try:
-            actor_cls = ray.remote(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=0)(_Worker)
+            # env vars travel with the actors, so workers see them however the driver attached
+            # (an embedded cluster, a joined one, or a ray.init the caller made)
+            actor_cls = ray.remote(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=0,
+                                   runtime_env={"env_vars": _ray_env_vars()})(_Worker)
             it = iter(tasks)
             pending: deque[ShardTask] = deque()  # retries go first
             attempts: dict[int, int] = {}

@@ -24,11 +24,7 @@ from .config import LlavadiConfig, changed_keys, dump_yaml, fingerprint
 from .executors import make_executor
 from .locks import StageLock
 from .rundir import STAGE_COMMAND, StageDir
-from .stage import ShardResult, ShardTask, Stage, StageContext
-
-
-class StageError(RuntimeError):
-    """A stage-level problem found before work starts; the message says what to do."""
+from .stage import ShardResult, ShardTask, Stage, StageContext, StageError  # noqa: F401 - StageError: re-exported
 
 
 class StageFailed(RuntimeError):

@@ -18,6 +18,10 @@ from .config import LlavadiConfig
 from .rundir import StageDir, write_done
 
 
+class StageError(RuntimeError):
+    """A stage-level problem found before work starts; the message says what to do."""
+
+
 @dataclass
 class StageContext:
     """Everything a worker needs to process a shard; picklable (shipped to Ray actors)."""

@@ -3,7 +3,7 @@
 | column          | type                                   | meaning |
 |-----------------|----------------------------------------|---------|
 | id              | string                                 | unique across the run |
-| image           | string, null for text-only rows        | path relative to ``image_root`` |
+| image           | string, null for text-only rows        | path relative to ``image_root``, or ``run:data/images/…`` (an image that came inside the input: ``schemas.image_store``) |
 | conversations   | list<struct<from: string, value: string>> | alternating human/gpt, starting with human; ``<image>`` marks the image once |
 | image_sha256    | string, null for text-only rows        | sha256 of the image file's bytes |
 | source          | string                                 | input file name + record position (``file.json#12``) |
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -45,7 +46,8 @@ REASONS = {
     "malformed_json": "the record is not valid JSON (or is nested deeper than ingest's MAX_JSON_DEPTH)",
     "unreadable_json": "a stretch of a .json list whose record boundaries are lost (one per record in it) or "
                        "a list the file ends without closing",
-    "not_utf8": "the record's bytes are not UTF-8",
+    "not_utf8": "the record's bytes are not UTF-8, or a string it carries into a shard (id, image path, turn) "
+                "holds an unpaired surrogate: a JSON \\udXXX escape, or a file name in another encoding",
     "not_an_object": "the record is not a JSON object",
     "missing_id": "no usable 'id'",
     "duplicate_id": "an earlier record has the same id (the first one is kept)",
@@ -54,10 +56,13 @@ REASONS = {
     "empty_turn": "a turn's value is empty",
     "image_token_mismatch": "'<image>' must appear exactly once iff an image is referenced",
     "bad_image_field": "'image' is not a non-empty relative path",
-    "missing_image": "the image file does not exist under image_root",
+    "missing_image": "the image file does not exist under image_root (or in the run's image store), cannot be "
+                     "read, or a stored image no longer hashes to its name",
     "undecodable_image": "the image file cannot be decoded",
     "unsupported_image": "the image decodes but has no faithful 8-bit RGB form (schemas.images rules)",
     "too_long": "the conversation is longer than ingest.max_chars",
+    "unwritable_record": "the record passed every check but the shard writer (Arrow) could not encode it; "
+                         "detail: its error (the rest of the shard is written)",
 }
 
 # Reject reasons of every later stage that joins a sample row to its image (``sample_image``):
@@ -66,6 +71,51 @@ IMAGE_REASONS = {
     "image_changed": "the image file's sha256 differs from the one ingest recorded: the picture was changed "
                      "(or another image root holds a different file of that name) after the sample was made",
 }
+
+# A rejects-file line names the record and the problem, never carries it (issue #22: rejects of
+# records with embedded images were larger than the images): each value is cut to this many
+# characters, with its full size noted.
+REJECT_VALUE_CHARS = {"id": 200, "detail": 1000, "raw": 300}
+
+
+def cut(s: str, limit: int) -> str:
+    """``s`` itself, or its first ``limit`` characters and a note of its full length."""
+    return s if len(s) <= limit else f"{s[:limit]}… [cut: {len(s)} chars]"
+
+
+def describe(v, limit: int = 200) -> str:
+    """A short text for a value a reject names: bytes as their size only; strings, containers and
+    other values as a repr of at most about ``limit`` characters, a cut one with its full size noted
+    (characters, or items of a list / dict)."""
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return f"<{len(v)} bytes>"
+    if isinstance(v, str):
+        return repr(v) if len(v) <= limit else f"{v[:limit]!r}… [cut: {len(v)} chars]"
+    if isinstance(v, (dict, list, tuple)):
+        is_dict = isinstance(v, dict)
+        parts, n = [], 0
+        for x in itertools.islice(v.items() if is_dict else v, limit):
+            inner = max(20, limit // 4)  # so that a nested value's own size note survives the cut
+            parts.append(f"{x[0]!r}: {describe(x[1], inner)}" if is_dict else describe(x, inner))
+            n += len(parts[-1]) + 2
+            if n > limit:
+                break
+        body = ", ".join(parts)
+        o, c = "{}" if is_dict else "[]"
+        if len(parts) < len(v) or len(body) > limit:
+            return f"{o}{body[:limit]}…{c} [cut: {type(v).__name__} of {len(v)} items]"
+        return o + body + c
+    return cut(repr(v), limit)
+
+
+def reject_entry(source: Optional[str], rid, reason: str, detail: str, raw: Optional[str] = None) -> dict:
+    """One line of a rejects file: ``{source, id, reason, detail[, raw]}``, each value cut to
+    ``REJECT_VALUE_CHARS`` (the size noted), so a reject is small whatever the record holds."""
+    e = {"source": source, "id": None if rid is None else cut(str(rid), REJECT_VALUE_CHARS["id"]),
+         "reason": reason, "detail": cut(str(detail), REJECT_VALUE_CHARS["detail"])}
+    if raw:
+        e["raw"] = cut(raw, REJECT_VALUE_CHARS["raw"])
+    return e
 
 
 def _check_text(s: str, where: str) -> None:
@@ -78,7 +128,7 @@ def _check_text(s: str, where: str) -> None:
 def normalise_id(rec: dict) -> str:
     rid = rec.get("id")
     if isinstance(rid, bool) or rid is None or not isinstance(rid, (str, int)):
-        raise Reject("missing_id", f"id is {rid!r}")
+        raise Reject("missing_id", f"id is {describe(rid)}")
     rid = str(rid)
     if not rid.strip():
         raise Reject("missing_id", "id is empty")
@@ -122,20 +172,36 @@ def validate_conversations(conv, has_image: bool, max_chars: int) -> list[dict]:
     return turns
 
 
-def _read_image(image_root, rel) -> bytes:
-    """The bytes of ``image_root / rel`` or ``Reject`` (``bad_image_field``, ``missing_image``)."""
+def _read_image(image_root, rel, run_dir=None) -> tuple[bytes, Optional[str]]:
+    """(the bytes of the image ``rel`` names, the sha256 its name promises or None) or ``Reject``
+    (``bad_image_field``, ``missing_image``). ``rel`` is a path under ``image_root``, or a reference into
+    the run's image store (``schemas.image_store``: images that came embedded in the input), resolved
+    under ``run_dir``."""
+    from . import image_store
+
     if not isinstance(rel, str) or not rel.strip():
-        raise Reject("bad_image_field", f"image is {rel!r}")
-    if Path(rel).is_absolute() or ".." in Path(rel).parts or "\0" in rel:
-        # never read outside image_root, whatever a record says
-        raise Reject("bad_image_field", f"image {rel[:200]!r} is not a relative path inside image_root")
-    path = Path(image_root) / rel
+        raise Reject("bad_image_field", f"image is {describe(rel)}")
+    want = None
+    if image_store.is_ref(rel):
+        want = image_store.ref_sha256(rel)
+        if want is None or run_dir is None:
+            raise Reject("bad_image_field", f"image {describe(rel)} starts with {image_store.PREFIX!r}, which names "
+                                            f"a run's image store, but is not a reference into this run's store")
+        path, where = image_store.resolve(None, rel, run_dir), f"the run's image store ({run_dir})"
+    else:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or "\0" in rel:
+            # never read outside image_root, whatever a record says
+            raise Reject("bad_image_field", f"image {describe(rel)} is not a relative path inside image_root")
+        if image_root is None:
+            raise Reject("missing_image", "record references an image file but no image_root is set: "
+                                          "pass --image-root DIR")
+        path, where = Path(image_root) / rel, str(image_root)
     try:
-        return path.read_bytes()
+        return path.read_bytes(), want
     except FileNotFoundError:
-        raise Reject("missing_image", f"{rel} not found under {image_root}") from None
+        raise Reject("missing_image", f"{describe(rel)} not found under {where}") from None
     except (IsADirectoryError, PermissionError, OSError) as e:
-        raise Reject("missing_image", f"{rel}: {e}") from None
+        raise Reject("missing_image", f"{describe(rel)}: {type(e).__name__}: {e.strerror or e}") from None
 
 
 def _decode(data: bytes, rel: str):
@@ -147,67 +213,124 @@ def _decode(data: bytes, rel: str):
         raise Reject(e.reason, e.detail) from None
 
 
-def check_image(image_root: Path, rel, decode: bool) -> str:
-    """Return the sha256 of the image file, or raise ``Reject``. With ``decode``, the image goes
-    through ``schemas.images.decode_rgb`` — the conversion every later stage applies — so a
-    record is kept only if its image becomes 8-bit RGB (reasons ``undecodable_image``,
-    ``unsupported_image``)."""
-    data = _read_image(image_root, rel)
+def _damaged(rel: str, sha: str) -> Reject:
+    return Reject("missing_image", f"{rel}: the stored file's bytes no longer hash to its name (sha256 {sha}): "
+                                   f"damaged after ingest wrote it; rerun ingest with --force")
+
+
+def check_image(image_root: Optional[Path], rel, decode: bool, run_dir: Optional[Path] = None) -> str:
+    """Return the sha256 of the image file, or raise ``Reject`` (``_read_image``; a store file whose bytes
+    no longer hash to its name is ``missing_image``). With ``decode``, the image goes through
+    ``schemas.images.decode_rgb`` — the conversion every later stage applies — so a record is kept only if
+    its image becomes 8-bit RGB (reasons ``undecodable_image``, ``unsupported_image``)."""
+    data, want = _read_image(image_root, rel, run_dir)
+    sha = hashlib.sha256(data).hexdigest()
+    if want is not None and sha != want:
+        raise _damaged(rel, sha)
     if decode:
         _decode(data, rel)
-    return hashlib.sha256(data).hexdigest()
+    return sha
 
 
-def sample_image(image_root: Optional[str | Path], row: dict, *, decode: bool = True, root_hint: str = ""):
-    """The image of a sample row as every stage after ingest must see it: the file
-    ``image_root / row["image"]``, checked against the ``image_sha256`` ingest recorded, then
-    (``decode``) ``schemas.images.decode_rgb`` of those same bytes (read once: the picture checked
-    is the picture used). Returns a PIL ``"RGB"`` image (uint8), or None for a text-only row or
-    when ``decode`` is False.
+def sample_image(image_root: Optional[str | Path], row: dict, *, run_dir: Optional[str | Path] = None,
+                 decode: bool = True, root_hint: str = ""):
+    """The image of a sample row as every stage after ingest must see it: the file ``image_root /
+    row["image"]`` (or the run's image store entry under ``run_dir``), checked against the ``image_sha256``
+    ingest recorded, then (``decode``) ``schemas.images.decode_rgb`` of those same bytes (read once: the
+    picture checked is the picture used). Returns a PIL ``"RGB"`` image (uint8), or None for a text-only
+    row or when ``decode`` is False.
 
-    Raises ``Reject`` — one record's problem, never the stage's: ``missing_image`` (no image root,
-    or no readable file there; ``root_hint`` — e.g. "set train_student.cache_image_root" — is
-    appended to say how to point at the right folder), ``image_changed`` (the file's sha256 differs
-    from the recorded one: the image was edited after ingest, or the root holds another file of that
-    name), ``undecodable_image`` / ``unsupported_image`` (``schemas.images`` rules), ``bad_image_field``.
-    A row without a recorded sha256 (written by an ingest that did not record it) is not checked."""
+    Raises ``Reject`` — one record's problem, never the stage's: ``missing_image`` (no image root, or no
+    readable file there; ``root_hint`` — e.g. "set train_student.cache_image_root" — is appended to say how
+    to point at the right folder; a damaged store file), ``image_changed`` (the file's sha256 differs from
+    the recorded one: the image was edited after ingest, or the root holds another file of that name),
+    ``undecodable_image`` / ``unsupported_image`` (``schemas.images`` rules), ``bad_image_field``. A row
+    without a recorded sha256 (written by an ingest that did not record it) is not checked."""
+    from . import image_store
+
     rel = row.get("image")
     if rel is None:
         return None
     hint = f"; {root_hint}" if root_hint else ""
-    if not image_root:
+    if not image_root and not image_store.is_ref(rel):
         raise Reject("missing_image", f"{rel}: no image root is known for this sample{hint}")
     try:
-        data = _read_image(image_root, rel)
+        data, want = _read_image(image_root, rel, run_dir)
     except Reject as r:
         raise Reject(r.reason, r.detail + hint) from None
-    want = row.get("image_sha256")
-    if want and hashlib.sha256(data).hexdigest() != want:
+    sha = hashlib.sha256(data).hexdigest()
+    if want is not None and sha != want:
+        raise _damaged(rel, sha)
+    recorded = row.get("image_sha256")
+    if recorded and sha != recorded:
         raise Reject("image_changed", f"{rel} under {image_root} is not the image this sample was made from "
                                       f"(sha256 differs from the one ingest recorded){hint}")
     return _decode(data, rel) if decode else None
 
 
-def validate_record(rec, image_root: Optional[Path], max_chars: int, decode_images: bool = True) -> dict:
-    """A raw LLaVA record → a sample row (without ``source``), or raise ``Reject``."""
+def check_encodable(row: dict) -> None:
+    """Every string a row carries into a shard must be valid UTF-8, as Arrow writes strings (issue
+    #22). Python strings can hold unpaired surrogates that no UTF-8 writer accepts: a JSON
+    ``"\\udce9"`` escape, or a file name in another encoding listed from disk (``os.listdir``'s
+    surrogateescape turns the Latin-1 byte of ``café.png`` into ``caf\\udce9.png``). Raises
+    ``Reject("not_utf8")`` naming the field and the offending bytes."""
+    stack = list(row.items())
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raw = v[e.start:e.end].encode("utf-8", "surrogateescape" if where == "image" else "backslashreplace")
+                hint = (" (a file name in another encoding? rename it to UTF-8, e.g. with convmv, and fix the record)"
+                        if where == "image" else "")
+                raise Reject("not_utf8", f"{where} {describe(v)} is not valid UTF-8 at character {e.start} "
+                                         f"({raw!r}){hint}") from None
+        elif isinstance(v, dict):
+            stack.extend((f"{where}.{k}", x) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
+
+
+def validate_record(rec, image_root: Optional[Path], max_chars: int, decode_images: bool = True,
+                    run_dir: Optional[Path] = None) -> dict:
+    """A raw LLaVA record → a sample row (without ``source``), or raise ``Reject``. ``run_dir``:
+    the run whose image store a store reference (``schemas.image_store``) points into."""
     if not isinstance(rec, dict):
         raise Reject("not_an_object", f"record is {type(rec).__name__}")
     rid = normalise_id(rec)
     image = rec.get("image")
     has_image = image is not None
     turns = validate_conversations(rec.get("conversations"), has_image, max_chars)
-    sha = None
+    row = {"id": rid, "image": image if has_image else None, "conversations": turns, "image_sha256": None}
+    check_encodable(row)  # before any file is opened by that name
     if has_image:
-        if image_root is None:
-            raise Reject("missing_image", "record references an image but no image_root is set")
-        sha = check_image(image_root, image, decode_images)
-    return {"id": rid, "image": image if has_image else None, "conversations": turns, "image_sha256": sha}
+        row["image_sha256"] = check_image(image_root, image, decode_images, run_dir)
+    return row
 
 
-def write_samples(rows: list[dict], path: Path, schema: pa.Schema = SAMPLE_SCHEMA) -> None:
-    """Write rows to ``path`` (the caller renames it into place). Deterministic bytes."""
-    table = pa.Table.from_pylist(rows, schema=schema)
+# what Arrow raises for a Python value it cannot put in a column (a surrogate, a wrong type, an
+# out-of-range number)
+_UNWRITABLE = (pa.ArrowException, UnicodeError, TypeError, ValueError, OverflowError)
+
+
+def write_samples(rows: list[dict], path: Path, schema: pa.Schema = SAMPLE_SCHEMA) -> list[tuple[dict, str]]:
+    """Write rows to ``path`` (the caller renames it into place). Deterministic bytes. A row Arrow
+    cannot encode never fails the shard (issue #22): the others are written, and the unwritable
+    ones come back as ``[(row, error text)]`` for the caller to reject."""
+    try:
+        table, bad = pa.Table.from_pylist(rows, schema=schema), []
+    except _UNWRITABLE:
+        good, bad = [], []
+        for r in rows:  # find the offenders one by one: only on this rare path
+            try:
+                pa.Table.from_pylist([r], schema=schema)
+                good.append(r)
+            except _UNWRITABLE as e:
+                bad.append((r, f"{type(e).__name__}: {e}"))
+        table = pa.Table.from_pylist(good, schema=schema)
     pq.write_table(table, path, compression="zstd", write_statistics=False)
+    return bad
 
 
 def iter_samples(path: Path | str, batch_size: int = 256, columns: Optional[list[str]] = None) -> Iterator[dict]:

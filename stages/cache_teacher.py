@@ -104,7 +104,7 @@ class CacheTeacherStage:
         spec = forcer.spec
         conv = forcer.adapter.conversation(row["conversations"], row["image"] is not None)
         # checked against the sha256 ingest recorded: a changed / missing image is this record's Reject
-        image = sample_image(ctx.cfg.ingest.image_root, row)
+        image = sample_image(ctx.cfg.ingest.image_root, row, run_dir=ctx.run_dir)
         enc = forcer.adapter.encode(conv, image)
         if len(enc.ids) > limit:
             raise Reject("too_long", f"{len(enc.ids)} tokens > max_model_len={limit}")

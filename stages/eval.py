@@ -168,8 +168,8 @@ def read_questions(data: str, image_root: Optional[str], max_chars: int, check_i
     list / .jsonl / .parquet: one question per human turn, the next gpt turn is the reference) or a
     LLaVA question file. Every record goes through ingest's validator; duplicate ids: the first
     one wins (as in ingest). ``limit`` > 0 stops after that many questions."""
-    from ..schemas.samples import GPT, HUMAN, Reject, validate_record
-    from .ingest_reader import RAW_PREVIEW_CHARS, _id_key, read_raw
+    from ..schemas.samples import GPT, HUMAN, Reject, reject_entry, validate_record
+    from .ingest_reader import _id_key, read_raw
 
     root = Path(image_root) if image_root else None
     qs: list[Question] = []
@@ -195,10 +195,8 @@ def read_questions(data: str, image_root: Optional[str], max_chars: int, check_i
                 seen.add(key)
             row = validate_record(rec, root, max_chars, check_images)
         except Reject as r:
-            rid = _id_key(rec) if rec is not None else None
-            raw = item.get("raw") or ""
-            rejects.append({"source": item["source"], "id": rid, "reason": r.reason, "detail": r.detail,
-                            **({"raw": raw[:RAW_PREVIEW_CHARS]} if raw else {})})
+            rejects.append(reject_entry(item["source"], _id_key(rec) if rec is not None else None, r.reason, r.detail,
+                                        item.get("raw")))
             continue
         conv = row["conversations"]
         k = 0

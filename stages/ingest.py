@@ -15,6 +15,14 @@ elements and ``.jsonl`` lines alike. Only ``id``, ``image`` and ``conversations`
 other fields (``meta``, hashes, …) are read, never stored, and never cost a record. A broken
 stretch of a ``.json`` list costs only the records it spans (``_JsonList``), each counted. The
 reader lives in ``stages/ingest_reader.py`` (eval reads held-out files with it too).
+
+Images inside a Parquet (issue #22): a Hugging Face ``datasets`` Parquet keeps each image in its
+row (``{bytes, path}``). The driver writes each such image once into the run's content-addressed
+store (``schemas.image_store``) as it reads it, so a chunk carries only the reference, and the
+workers check it like any image file. A record is valid only when every string it carries into
+the shard is writable UTF-8 (``check_encodable``); a row the Parquet writer still refuses is
+rejected (``unwritable_record``) and the rest of the shard written. Rejects never carry payloads
+(``schemas.samples.reject_entry``).
 """
 from __future__ import annotations
 
@@ -27,8 +35,11 @@ from typing import Callable, Iterator
 from ..pipeline import atomic, remote
 from ..pipeline.config import LlavadiConfig
 from ..pipeline.stage import ShardOutput, ShardTask, StageContext
-from ..schemas.samples import Reject, validate_record, write_samples
+from ..schemas import image_store
+from ..schemas.samples import Reject, reject_entry, validate_record, write_samples
 from .ingest_reader import RAW_PREVIEW_CHARS, _first_byte, _id_key, _kind, _parse_int, read_raw
+
+KEPT_FIELDS = ("id", "image", "conversations")  # what a sample row is made of; other fields are dropped
 
 class IngestStage:
     name = "ingest"
@@ -55,7 +66,8 @@ class IngestStage:
                 p.append(f"input {f} is not a JSON list of records (LLaVA format); "
                          f"for one record per line name it .jsonl")
         if c.image_root is None:
-            p.append("no image root: pass --image-root DIR (the folder record 'image' paths are relative to)")
+            if any(needs_image_root(f) for f in c.inputs if remote.is_file(f)):
+                p.append("no image root: pass --image-root DIR (the folder record 'image' paths are relative to)")
         elif not os.path.isdir(c.image_root):
             p.append(f"image root {c.image_root} is not a directory")
         return p
@@ -85,20 +97,24 @@ class IngestStage:
             atomic.write_bytes(path, b"".join(_staged(r) for r in rows))
             return ShardTask(i, str(path))
 
+        skip = is_done(0)  # is the chunk being filled done already (its records are not staged)?
         for f in ctx.cfg.ingest.inputs:
             for item in read_raw(f):
+                if "record" in item and "text" not in item and not skip:  # a Parquet row
+                    item = {**item, "record": _stored(item["record"], ctx.run_dir)}
                 if "record" in item:
                     key = _id_key(item["record"])
                     if key is not None:
                         h = _stable_hash(key)
                         if h in seen:
-                            item = {"source": item["source"], "reject": "duplicate_id",
+                            item = {"source": item["source"], "reject": "duplicate_id", "id": key,
                                     "detail": f"id {key!r} already seen", "raw": key[:RAW_PREVIEW_CHARS]}
                         else:
                             seen.add(h)
-                chunk.append(item)
+                chunk.append(None if skip else item)  # a done chunk keeps no record (nor image) in memory
                 if len(chunk) == size:
                     yield flush()
+                    skip = is_done(index)
         if chunk:
             yield flush()
 
@@ -110,7 +126,7 @@ class IngestStage:
         root = Path(c.image_root) if c.image_root else None
         rows, rejects = [], []
         reasons: dict[str, int] = {}
-        n_in = n_img = n_turns = 0
+        n_in = 0
         with open(task.payload, "rb") as f:
             for line in f:
                 item = json.loads(line, parse_int=_parse_int)  # a record's depth was checked when read
@@ -118,31 +134,74 @@ class IngestStage:
                 try:
                     if "reject" in item:
                         raise Reject(item["reject"], item.get("detail", ""))
-                    row = validate_record(item["record"], root, c.max_chars, c.check_images)
+                    row = validate_record(item["record"], root, c.max_chars, c.check_images, ctx.run_dir)
                 except Reject as r:
                     reasons[r.reason] = reasons.get(r.reason, 0) + 1
                     rec = item.get("record")
-                    rid = _id_key(rec) if rec is not None else None
-                    rejects.append({"source": item["source"], "id": rid, "reason": r.reason, "detail": r.detail,
-                                    **({"raw": item["raw"]} if item.get("raw") else {})})
+                    rejects.append(reject_entry(item["source"], _id_key(rec) if rec is not None else item.get("id"),
+                                                r.reason, r.detail, item.get("raw")))
                     continue
                 row["source"] = item["source"]
                 rows.append(row)
-                n_img += row["image"] is not None
-                n_turns += len(row["conversations"])
         out = ctx.stage.data_file(task.index)
         tmp = atomic.tmp_name(out)
         try:
-            write_samples(rows, tmp)
+            unwritable = write_samples(rows, tmp)  # validation's safety net: one row never fails a shard
+            for row, err in unwritable:
+                reasons["unwritable_record"] = reasons.get("unwritable_record", 0) + 1
+                rejects.append(reject_entry(row["source"], row["id"], "unwritable_record", err))
+            dropped = {id(row) for row, _ in unwritable}
+            rows = [r for r in rows if id(r) not in dropped]
             atomic.commit(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
         atomic.write_jsonl(ctx.stage.rejects_file(task.index), rejects)
+        n_img = sum(r["image"] is not None for r in rows)
+        n_turns = sum(len(r["conversations"]) for r in rows)
         counts = {"in": n_in, "out": len(rows), "rejected": dict(sorted(reasons.items()))}
         return ShardOutput(out, counts, stats={"with_image": n_img, "text_only": len(rows) - n_img, "turns": n_turns})
 
     def cleanup(self, ctx: StageContext, task: ShardTask) -> None:
         Path(task.payload).unlink(missing_ok=True)
+
+
+def needs_image_root(path: str) -> bool:
+    """Can records of this input name image files (under ``--image-root``)? JSON: yes. Parquet: unless
+    its ``image`` column holds the images themselves (``datasets``' ``{bytes, path}`` struct, or
+    binary) or there is no ``image`` column (footer read only)."""
+    if _kind(path) != "parquet":
+        return True
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with remote.open_binary(path) as f:
+            schema = pq.read_schema(f)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is read
+        return True
+    if "image" not in schema.names:
+        return False
+    t = schema.field("image").type
+    if pa.types.is_struct(t):
+        return t.get_field_index("bytes") < 0
+    return not (pa.types.is_binary(t) or pa.types.is_large_binary(t))
+
+
+def _stored(rec, run_dir: Path):
+    """A Parquet row → the fields a sample keeps, its embedded image (if any) written into the
+    run's image store (``schemas.image_store``) and named by its store reference. Embedded = the
+    ``datasets`` Image layout ``{"bytes": …, "path": …}`` with bytes, or a binary value; a
+    ``{"bytes": None, "path": p}`` image is the file ``p`` under ``image_root``."""
+    if not isinstance(rec, dict):
+        return rec
+    out = {k: rec[k] for k in KEPT_FIELDS if k in rec}
+    img = out.get("image")
+    if isinstance(img, dict) and img.keys() <= {"bytes", "path"}:
+        img = img.get("bytes") if img.get("bytes") is not None else img.get("path")
+        out["image"] = img if img is not None else out["image"]  # both null: judged as given (bad_image_field)
+    if isinstance(img, (bytes, bytearray)):
+        out["image"] = image_store.put(run_dir, bytes(img))[0]
+    return out
 
 
 def _staged(item: dict) -> bytes:

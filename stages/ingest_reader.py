@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..pipeline import remote
-from ..schemas.samples import Reject
+from ..schemas.samples import REJECT_VALUE_CHARS, Reject
 
 INPUT_KINDS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
-RAW_PREVIEW_CHARS = 300  # how much of an unparsable record the rejects file keeps
+RAW_PREVIEW_CHARS = REJECT_VALUE_CHARS["raw"]  # how much of an unparsable record the rejects file keeps
 # Deepest legal nesting of a record (the record object itself is level 1; LLaVA records are 3-4
 # deep). Deeper records are rejected as malformed_json in .json and .jsonl alike; the limit sits
 # well inside what Python's recursive json parser handles under the default recursion limit.
@@ -44,6 +44,18 @@ _QUOTE = ord('"')
 
 def _kind(path: str) -> Optional[str]:
     return INPUT_KINDS.get(Path(path).suffix.lower())
+
+
+def source_name(path: str) -> str:
+    """The input's file name as ``source`` values show it: always valid UTF-8 (a name whose bytes
+    are in another encoding shows them as ``\\xe9``), so no record of that file becomes unwritable
+    through its source (issue #22)."""
+    name = Path(path).name
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _first_byte(path: str) -> bytes:
@@ -127,7 +139,7 @@ def read_raw(path: str) -> Iterator[dict]:
     elements by ``_JsonList`` and each element parsed by the same ``loads_record``, so the same
     records give the same results in either format. A broken stretch of a ``.json`` list costs
     only the records it spans (see ``_JsonList``); every lost record is a reject."""
-    name = Path(path).name
+    name = source_name(path)
     kind = _kind(path)
     if kind == "jsonl":
         with remote.open_binary(path) as f:
@@ -146,7 +158,8 @@ def read_raw(path: str) -> Iterator[dict]:
         with remote.open_binary(path) as f:
             pf = pq.ParquetFile(f)
             i = 0
-            for batch in pf.iter_batches(batch_size=1024):
+            # small batches: a datasets Parquet holds the images in its rows (≈ 64 images in memory)
+            for batch in pf.iter_batches(batch_size=64):
                 for rec in batch.to_pylist():
                     yield {"source": f"{name}#{i}", "record": rec}
                     i += 1

@@ -80,11 +80,12 @@ def teacher_identity(cfg: LlavadiConfig) -> dict:
             "prompt_format": cfg.teacher.prompt_format}
 
 
-def load_image(image_root: str | None, rel: str):
-    """The sample's image as 8-bit RGB (``schemas.images.load_rgb``: the one conversion every stage uses)."""
+def load_image(image_root: str | None, rel: str, run_dir: Path | None = None):
+    """The sample's image as 8-bit RGB (``schemas.images.load_rgb``: the one conversion every stage
+    uses); a store reference (an image that came embedded in the input) resolves under ``run_dir``."""
     from ..schemas.images import load_rgb
 
-    return load_rgb(image_root, rel)
+    return load_rgb(image_root, rel, run_dir)
 
 
 class RegenerateStage:
@@ -159,7 +160,11 @@ class RegenerateStage:
         out = ctx.stage.data_file(task.index)
         tmp = atomic.tmp_name(out)
         try:
-            write_samples(rows_out, tmp, REGEN_SCHEMA)
+            unwritable = write_samples(rows_out, tmp, REGEN_SCHEMA)  # one row never fails the shard
+            for row, err in unwritable:
+                reject(row, "unwritable_record", err)
+            dropped = {id(row) for row, _ in unwritable}
+            rows_out = [r for r in rows_out if id(r) not in dropped]
             atomic.commit(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
@@ -185,7 +190,7 @@ class RegenerateStage:
         for row in block:
             st = {"img": None, "turns": [], "reasons": [], "ntoks": [], "fail": None}
             try:  # checked against the sha256 ingest recorded: a missing or changed image is this record's problem
-                st["img"] = sample_image(ctx.cfg.ingest.image_root, row)
+                st["img"] = sample_image(ctx.cfg.ingest.image_root, row, run_dir=ctx.run_dir)
             except Reject as r:
                 st["fail"] = (r.reason, r.detail)
             state.append(st)

@@ -127,7 +127,7 @@ def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = N
                     raise Reject("token_mismatch", f"student answer ids differ from the cache's "
                                                    f"({len(mine)} vs {len(s['token_ids'])} tokens)")
                 if check_images:
-                    sample_image(image_root, row, decode=False, root_hint=root_hint)
+                    sample_image(image_root, row, run_dir=run_dir, decode=False, root_hint=root_hint)
             except Reject as r:
                 if rejects is not None:
                     rejects.append({"id": s["sample_id"], "reason": r.reason, "detail": r.detail})
@@ -254,7 +254,8 @@ class StepDataset(IterableDataset):
         encs, kept, rejects = [], [], []
         for it in items:
             try:  # one record's problem, found inside the DataLoader: that record is left out, not the run
-                encs.append(adapter.encode(it["conv"], sample_image(self.image_root, it["row"], root_hint=root_hint)))
+                image = sample_image(self.image_root, it["row"], run_dir=self.run_dir, root_hint=root_hint)
+                encs.append(adapter.encode(it["conv"], image))
                 kept.append(it)
             except Reject as r:
                 rejects.append({"id": it["id"], "reason": r.reason, "detail": r.detail})

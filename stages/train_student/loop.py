@@ -40,6 +40,7 @@ from ...pipeline.config import LlavadiConfig, changed_keys, fingerprint
 from ...pipeline.locks import StageLock
 from ...pipeline.rundir import StageDir
 from ...pipeline.runner import StageError, write_run_config
+from ...schemas import image_store
 from ...schemas.teacher_cache import CacheReader
 from . import compat, late, lora, losses
 from .head import operands as head_operands
@@ -292,10 +293,17 @@ def _truncate_metrics(path: Path, upto_step: int) -> None:
 
 def pull_cache(run_dir: Path, src: str) -> int:
     """Pull ``src``'s finished ``cache_teacher/`` and the sample shards it was made from into
-    ``run_dir`` (``remote.pull_stage``: only missing files; every shard verified). Returns files copied."""
+    ``run_dir`` (``remote.pull_stage``: only missing files; every shard verified), and ``data/`` too
+    when its image store (images that came embedded in the input) holds the samples' images.
+    Returns files copied."""
     n = remote.pull_stage(src, "cache_teacher", run_dir)
     source = CacheReader(run_dir / "cache_teacher", verify=False).meta.get("source", "regenerate")
-    return n + remote.pull_stage(src, source, run_dir)
+    n += remote.pull_stage(src, source, run_dir)
+    if source != "data":
+        fs, store = remote.filesystem(f"{str(src).rstrip('/')}/{image_store.STORE}")
+        if fs.exists(store):
+            n += remote.pull_stage(src, "data", run_dir)
+    return n
 
 
 def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progress: bool = True) -> dict:
