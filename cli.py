@@ -238,7 +238,8 @@ def cache_teacher(common: Common,
                   teacher: Optional[str] = typer.Option(None, "--teacher", metavar="DIR", help="teacher model directory (teacher.model)"),
                   engine: Optional[str] = typer.Option(None, "--engine", metavar="NAME", help=_key_help("cache_teacher.engine")),
                   verify: Optional[int] = typer.Option(None, "--verify", metavar="N", help="recompute N random cached samples and report max errors")) -> None:
-    """Teacher-forced pass: answer-token hidden states + top-k logprobs into RUN/cache_teacher/."""
+    """Teacher-forced pass: the fields cache_teacher.* declares (rows by position, hidden layers, top-k or sampled
+    logits, affinity) into RUN/cache_teacher/."""
     from .stages.cache_teacher import STAGE
 
     flags = _teacher_flags(teacher, "cache_teacher.engine", engine)

@@ -99,8 +99,8 @@ class TeacherConfig:
     cpus_per_actor: float = 1.0  # Ray CPUs each engine actor asks for
     # regenerate's vLLM engine: None = eager on CPU (torch.compile adds ~1 min to the start, needs a
     # C++ compiler, and decoded only 0-6 % faster on a 164M teacher in four runs of
-    # benchmarks/regenerate.py), vLLM's default on GPU (compiled + CUDA graphs). cache-teacher is
-    # always eager (its hook must run on every forward).
+    # benchmarks/regenerate.py), vLLM's default on GPU (compiled + CUDA graphs). Applies to cache-teacher's
+    # vLLM forcer (the pooling runner) too.
     enforce_eager: Optional[bool] = None
     # regenerate's vLLM engine reuses the KV of prompt prefixes it has computed: the system prompt
     # every request shares, and turn t's whole conversation inside turn t+1's prompt. Emptied at the
@@ -197,6 +197,9 @@ class CacheTeacherConfig:
     logprob_dtype: Literal["float32", "float16"] = "float32"  # top-k / sampled log-prob storage
     store: Literal["zarr", "webdataset"] = "zarr"  # zarr: a Zarr v3 directory per shard; webdataset: a tar per shard
     batch_size: int = 8  # conversations per forward pass (sorted by length within a window)
+    # with engine=vllm: conversations per LLM.encode call (continuous batching inside it); every position of
+    # every prompt comes back (L x H float32 each), so this bounds the memory of one call
+    vllm_requests: int = 32
     # rows whose tokens the size estimate counts (--dry-run, status, the launch's disk-space check):
     # evenly spaced over the input, the rest extrapolated; 0 = every row (pipeline/estimate.py)
     estimate_rows: int = 1000
@@ -220,6 +223,8 @@ class CacheTeacherConfig:
                      "keep a hidden layer or a logits field")
         if self.batch_size < 1:
             p.append("cache_teacher.batch_size must be >= 1")
+        if self.vllm_requests < 1:
+            p.append("cache_teacher.vllm_requests must be >= 1")
         if self.estimate_rows < 0:
             p.append("cache_teacher.estimate_rows must be >= 0 (0 = every row)")
         if self.estimate_probe_samples < 0:

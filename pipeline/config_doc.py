@@ -208,8 +208,18 @@ def replace_block(text: str, name: str, body: str) -> str:
     return _block_re(name).sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
 
 
+CACHE_BLOCK = "cache-fields"
+
+
+def cache_fields_reference() -> str:
+    """The README's teacher-cache field table, from the declarations (``schemas.teacher_cache.format_table``)."""
+    from ..schemas.teacher_cache import format_table
+
+    return format_table() + "\n"
+
+
 def generated_blocks() -> dict[str, str]:
-    return {CONFIG_BLOCK: config_reference(), CLI_BLOCK: cli_reference_from_app()}
+    return {CONFIG_BLOCK: config_reference(), CLI_BLOCK: cli_reference_from_app(), CACHE_BLOCK: cache_fields_reference()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,8 @@ class CacheTeacherStage:
 
     def material(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
         c = asdict(cfg.cache_teacher)
-        c.pop("batch_size")  # batching does not change the cached values beyond float noise
+        for k in ("batch_size", "vllm_requests"):  # batching does not change the cached values beyond float noise
+            c.pop(k)
         for k in ("estimate_rows", "estimate_probe_samples", "ignore_space_check"):  # the pre-launch size check
             c.pop(k)
         return {"cache_teacher": c, "teacher_identity": teacher_identity(cfg), "teacher_dtype": cfg.teacher.dtype,
@@ -137,7 +138,8 @@ class CacheTeacherStage:
         n_in = 0
         t_fwd = 0.0
         t0 = time.time()
-        window_size = c.batch_size * WINDOW_BATCHES
+        batch_size = c.vllm_requests if c.engine == "vllm" else c.batch_size  # vLLM: no padding, one encode call
+        window_size = batch_size * WINDOW_BATCHES
         cpu = {"prepare": 0.0, "write": 0.0}  # CPU seconds of the reader / writer threads (overlapped work)
         rows_by_kind = [0, 0, 0]
         written = {"answer_tokens": 0, "image_bytes": 0}
@@ -203,8 +205,8 @@ class CacheTeacherStage:
         try:
             for prepared, order in reader:
                 results: list = [None] * len(prepared)
-                for b in range(0, len(order), c.batch_size):
-                    idx = order[b: b + c.batch_size]
+                for b in range(0, len(order), batch_size):
+                    idx = order[b: b + batch_size]
                     t = time.time()
                     for j, r in zip(idx, _score_each(forcer, [prepared[j] for j in idx], reject)):
                         results[j] = r

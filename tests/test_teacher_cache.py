@@ -452,6 +452,6 @@ def test_format_table_lists_every_field():
     from llavadi.schemas.teacher_cache import format_table
 
     table = format_table()
-    for name in ("position", "kind", "token_ids", "hidden", "hidden@12", "topk_ids", "topk_logprobs", "sampled_ids",
+    for name in ("position", "kind", "token_ids", "hidden", "hidden@L", "topk_ids", "topk_logprobs", "sampled_ids",
                  "sampled_logprobs", "logit_stats", "affinity", "image_key"):
         assert f"| `{name}` |" in table, name

@@ -36,22 +36,28 @@ __all__ = [
 
 
 def format_table() -> str:
-    """The README's table of every field a cache can hold (Markdown), from the declarations of a spec with
-    every field on (two hidden layers, top-k and sampled shown separately)."""
+    """The README's table of every field a cache can hold (Markdown), from the declarations of two specs
+    that between them switch every field on (layer 12 stands for any ``hidden@L``)."""
     specs = [CacheSpec(hidden_size=1, vocab_size=70000, hidden_layers=(-1, 12), logits="topk", affinity=True,
                        positions="all"),
              CacheSpec(hidden_size=1, vocab_size=70000, hidden_layers=(), logits="sampled", sample_temperature=0.8,
-                       positions="all", hidden_dtype="int8")]
-    seen, lines = set(), ["| field | axis | stored as | meaning |", "|---|---|---|---|"]
+                       positions="all")]
+    how = {"ids": "uint16 when V ≤ 65 536, else ⌈log₂V⌉-bit ids packed per row (uint8)",
+           "float16": "float16", "hidden": "`hidden_dtype`: float16 / bfloat16 (uint16 bits) / int8 + `<name>.scale` "
+                                            "[T] float32", "logprobs": "`logprob_dtype`: float32 / float16"}
+    lines = ["| field | axis | stored as | meaning |", "|---|---|---|---|",
+             "| `offsets`, `sample_id` | per sample | int64 [n+1]; utf-8 bytes + int64 offsets | sample j's rows are "
+             "`offsets[j]:offsets[j+1]`; its id joins the source sample shard |"]
+    seen = set()
     for spec in specs:
         for f in spec.fields():
-            if f.name in seen:
+            name = "hidden@L" if f.name.startswith("hidden@") else f.name
+            if name in seen:
                 continue
-            seen.add(f.name)
-            stored = ", ".join(f"`{name}` {p.dtype.name}" for name, p in f.stored())
-            how = {"ids": "uint16 (V ≤ 65 536) or ⌈log₂V⌉-bit packed", "float16": "float16",
-                   "int8": "hidden_dtype (float16 / bfloat16 bits / int8 + scale)"}.get(f.codec.kind, stored)
-            if f.name.startswith("hidden"):
-                how = "hidden_dtype: float16 / bfloat16 (uint16 bits) / int8 + per-row float32 `.scale`"
-            lines.append(f"| `{f.name}` | {f.axis} | {how} | {f.doc} |")
+            seen.add(name)
+            kind = ("hidden" if f.name.startswith("hidden") else
+                    "logprobs" if f.name.endswith("logprobs") else f.codec.kind)
+            stored = how.get(kind) or ", ".join(p.dtype.name for _, p in f.stored())
+            doc = f.doc.replace("output_hidden_states[12]", "output_hidden_states[L]")
+            lines.append(f"| `{name}` | {'per row' if f.axis == 'row' else 'per sample'} | {stored} | {doc} |")
     return "\n".join(lines)
