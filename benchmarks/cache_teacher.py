@@ -77,9 +77,12 @@ show the box's load. The cache the stage wrote is checked against the bare pass'
 (d) memory (``rss``): ``python -m llavadi.cli cache-teacher RUN --executor local --teacher TINY
     cache_teacher.source=data cache_teacher.positions=all`` in a subprocess on ``--rss-conversations``
     (default 60) conversations and on 10x as many, ``--rss-shard-size`` rows per shard (default 20: 3 vs
-    30 shards); peak RSS of the child from ``os.wait4``'s ``ru_maxrss`` (``benchmarks/ingest.run_measured``:
-    the local executor runs the stage in that one process). ``rss_ratio_10x`` = 10x / 1x, and the growth in
-    MB beside it (imports and the model are most of the 1x figure).
+    30 shards); peak RSS of the child = the ``VmHWM`` of its own address space, which it writes at exit
+    (the local executor runs the stage in that one process). Not ``os.wait4``'s ``ru_maxrss``: Linux
+    carries the spawning process's high-water mark across fork + execve into it, so every child of this
+    process would report this process's peak. The process tree's RSS polled every 0.05 s
+    (``benchmarks/ingest.run_measured``) is given beside it. ``rss_ratio_10x`` = 10x / 1x, and the growth
+    in MB (imports and the model are most of the 1x figure).
 (e) reading: the recorded samples of the first model repeated to ``--read-samples`` samples (new ids) in 4
     shards per store, default spec (float16 hidden, top-64 float32 log-probs, logit stats);
     ``CacheReader`` iterated end to end (dequantised float32 samples) with and without sha256
@@ -546,9 +549,23 @@ def bytes_study(work: Path, name: str, samples: list[dict], forcer, seed: int = 
 
 # --------------------------------------------------------------------------- (d) memory
 
+# The child's own peak: VmHWM of its address space after execve, which the child writes at exit. Not
+# wait4's ru_maxrss: Linux carries the spawning process's RSS high-water mark across fork + execve into
+# the child's ru_maxrss (a child of this process, GBs after the 164M model, reports 2 GB whatever it does).
+PEAK_LAUNCHER = """import atexit, runpy, sys
+out = sys.argv.pop(1)
+def peak():
+    kb = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    open(out, "w").write(kb)
+atexit.register(peak)
+runpy.run_module("llavadi.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def rss_study(work: Path, model_dir: Path, n: int, shard_size: int) -> dict:
     """(d): ``llavadi cache-teacher`` (``positions=all``, local executor) in a subprocess on ``n`` and
-    ``10 n`` conversations; peak RSS of each child (``ingest.run_measured``: ``os.wait4``'s ``ru_maxrss``)."""
+    ``10 n`` conversations; peak RSS of each child = its ``VmHWM`` at exit (:data:`PEAK_LAUNCHER`), the
+    process tree's RSS polled every 0.05 s beside it (``ingest.run_measured``)."""
     from ingest import run_measured  # benchmarks/ingest.py
 
     from llavadi.pipeline.rundir import StageDir
@@ -558,7 +575,8 @@ def rss_study(work: Path, model_dir: Path, n: int, shard_size: int) -> dict:
     for mult in (1, 10):
         d = work / f"rss-{mult}x"
         run, _root, kinds = make_run(d, n * mult, shard_size)
-        cmd = [sys.executable, "-m", "llavadi.cli", "cache-teacher", str(run), "--teacher", str(model_dir),
+        hwm = d / "vmhwm_kb"
+        cmd = [sys.executable, "-c", PEAK_LAUNCHER, str(hwm), "cache-teacher", str(run), "--teacher", str(model_dir),
                "--executor", "local", "cache_teacher.source=data", "cache_teacher.positions=all"]
         r = run_measured(cmd, d, _env())
         sd = StageDir(run, "cache_teacher")
@@ -568,7 +586,7 @@ def rss_study(work: Path, model_dir: Path, n: int, shard_size: int) -> dict:
                            "samples": sum(c["out"] for c in done), "shard_rows": sum(c["rows"] for c in done),
                            "rows_by_kind": {k: sum(c["rows_by_kind"][k] for c in done) for k in KINDS},
                            "images_stored": meta["image_rows"]["images"], "wall_s": round(r["wall_s"], 1),
-                           "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                           "peak_rss_mb": round(int(hwm.read_text()) / 1024, 1),
                            "tree_rss_polled_mb": round(r["tree_rss_polled_mb"], 1)}
         log(f"rss {mult}x: {res[f'{mult}x']}")
         shutil.rmtree(d, ignore_errors=True)
