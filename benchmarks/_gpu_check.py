@@ -18,9 +18,11 @@ test that keeps this script from rotting, ``tests/test_gpu_check.py``):
              appended to every answer (``benchmarks/train_student.lengthen_answers``: tens of answer
              tokens per sample), ingested with ``llavadi ingest``. Sizes per mode: :data:`SIZES`.
 ``cache``    ``benchmarks/cache_teacher.bench_model``: the cache-teacher stage ÷ the bare teacher
-             forward passes over the same batches (design §7 target ≤ 1.10); then the stage run as
+             forward passes over the same batches (``positions=answer``, the default; design §7 target
+             ≤ 1.05); then the stage run as
              ``llavadi cache-teacher RUN --executor local`` runs it (``pipeline.runner.run_stage``, in
-             this process), writing the cache the ``train`` step reads.
+             this process), writing the cache the ``train`` step reads: its rows (one per answer
+             token with ``positions=answer``) and answer tokens.
 ``regen``    ``benchmarks/regenerate.bench_workload``, its ``midsize`` requests (64 text prompts,
              answers forced to 8..128 tokens) on the teacher built here, bf16, vLLM's default mode
              (llavadi's settings: on GPU compiled + CUDA graphs, prefix cache): vLLM ÷ HF ``generate``
@@ -210,7 +212,8 @@ def step_cache(a) -> None:
                               "cache_teacher.source=data"])
     rep = run_stage(STAGE, run, cfg, progress=False)
     record(a.out, "cache_teacher", {"run_s": round(time.perf_counter() - t0, 1),
-                                    "cached_tokens": rep.counts.get("tokens", 0)})
+                                    "cached_rows": rep.counts.get("rows", 0),
+                                    "cached_answer_tokens": rep.counts.get("answer_tokens", 0)})
 
 
 def _free_gpu() -> None:

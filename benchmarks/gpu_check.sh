@@ -2,7 +2,7 @@
 # benchmarks/gpu_check.sh — the GPU figures of design §7 in one run (issue #15 item 5), for a lent
 # GPU machine (e.g. one H200, 16 cores), in ≤ 8 minutes (BUDGET_S, default 470 s) install included:
 #
-#   cache-teacher stage ÷ bare teacher forward          target ≤ 1.10
+#   cache-teacher stage ÷ bare teacher forward          target ≤ 1.05
 #   regenerate vLLM ÷ HF generate tokens/s              target ≥ 3
 #   student steps/s with DDP and FSDP on the GPUs there
 #   KD step ÷ CE-only step (top-k and exact KD)         target ≤ 1.15
