@@ -237,8 +237,8 @@ def test_sampled_logits_estimate_the_teacher_distribution(sampled_cache, many, t
     W = torch.randn(32064, 256, generator=g, dtype=torch.float64) / 16  # the fixed random student's head
     est, exact, n = 0.0, 0.0, 0
     meta = json.loads((sampled_cache / "cache_teacher" / "index.json").read_text())["meta"]
-    assert [f["name"] for f in meta["fields"]] == ["position", "kind", "token_ids", "sampled_ids", "logit_stats",
-                                                  "affinity", "image_key"]
+    assert [f["name"] for f in meta["fields"]] == ["position", "kind", "token_ids", "sampled_ids", "affinity",
+                                                  "image_key"]
     for s in CacheReader(sampled_cache / "cache_teacher"):
         row = rows[s["sample_id"]]
         conv = ad.conversation(row["conversations"], row["image"] is not None)

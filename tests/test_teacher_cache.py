@@ -395,6 +395,8 @@ def test_every_field_round_trips_with_sample_fields(tmp_path, store):
     w = CacheShardWriter(tmp_path / spec.shard_name(0), spec, chunk_rows=16)
     for sid, rows, aff in data:
         w.add(sid, rows, {"affinity": aff})
+    with pytest.raises(ValueError, match="sorted"):  # the draws are delta-coded: they must come sorted
+        w.add("unsorted", data[1][1] | {"sampled_ids": data[1][1]["sampled_ids"][:, ::-1]})
     info = w.close()
     got = list(iter_cache_shard(tmp_path / spec.shard_name(0), spec, info["sha256"], block_rows=16))
     for (sid, rows, aff), s in zip(data, got):

@@ -121,7 +121,7 @@ def teacher_outputs(h, head_w, head_b, spec: CacheSpec, uniforms: Optional[np.nd
             out.setdefault("sampled_ids", []).append(draws)
             if spec.sampled_logprobs:
                 out.setdefault("sampled_logprobs", []).append(lp.gather(1, draws))
-        if spec.logit_stats:
+        if spec.stores_logit_stats:
             out.setdefault("logit_stats", []).append(torch.stack([logits.mean(-1), logits.std(-1)], dim=-1))
     return {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
 
@@ -133,7 +133,7 @@ def _empty_logits(spec: CacheSpec, n: int) -> dict:
         if spec.logits == "topk" else {"sampled_ids": np.zeros((n, spec.samples), np.int64)}
     if spec.sampled_logprobs:
         out["sampled_logprobs"] = np.zeros((n, spec.samples), np.float32)
-    if spec.logit_stats:
+    if spec.stores_logit_stats:
         out["logit_stats"] = np.zeros((n, 2), np.float32)
     return out
 

@@ -25,7 +25,8 @@ token at ``p + 1`` (``token_ids``). Each row has a **kind** (code = index in :da
   all-zero row), ``q = clip(rint(x / scale), -127, 127)``; read as ``q * scale``; ``|error| <= scale/2``;
 * ``ids`` — token ids in the fewest bits the vocabulary needs: ``uint16`` when ``V <= 65 536``, else
   ``b = ceil(log2 V)`` bits per id packed little-endian per row into ``ceil(cols * b / 8)`` bytes (Megatron-LM's
-  offline KD packs 17-bit ids the same way);
+  offline KD packs 17-bit ids the same way); the sorted sampled ids are delta-coded first (first id, then
+  the differences: repeated draws store as 0);
 * ``raw`` — the array in a fixed little-endian dtype.
 
 Readers always return float32 for floats, int32 for ids and ``position``, uint8 for ``kind``.
@@ -115,6 +116,7 @@ class Codec:
     cols: int = 0
     dtype: str = "<f4"
     bits: int = 16
+    delta: bool = False  # ids: each row's ids are sorted; stored as the first id and the differences after it
 
     @property
     def tail(self) -> tuple:
@@ -153,6 +155,10 @@ class Codec:
         x = np.asarray(x)
         if x.size and (x.dtype.kind not in "iu" or x.min() < 0 or int(x.max()) >= 1 << self.bits):
             raise ValueError(f"token ids must be integers in [0, 2**{self.bits}), got [{x.min()}, {x.max()}]")
+        if self.delta and x.size:
+            if (np.diff(x, axis=-1) < 0).any():
+                raise ValueError("delta-coded ids must be sorted within each row")
+            x = np.concatenate([x[:, :1], np.diff(x, axis=-1)], axis=-1)
         if self.bits == 16:
             return {"": x.astype("<u2")}
         return {"": pack_ids(x.reshape(x.shape[0], max(1, self.cols)), self.bits)}
@@ -169,10 +175,10 @@ class Codec:
             return bf16_to_float32(a)
         if self.kind == "int8":
             return a.astype(np.float32) * np.asarray(parts[".scale"], np.float32)[:, None]
-        if self.bits == 16:
-            return a.astype(np.int32)
-        out = unpack_ids(a, self.bits, max(1, self.cols))
-        return out if self.cols else out[:, 0]
+        out = a.astype(np.int32) if self.bits == 16 else unpack_ids(a, self.bits, max(1, self.cols))
+        if self.bits != 16 and not self.cols:
+            out = out[:, 0]
+        return np.cumsum(out, axis=-1, dtype=np.int32) if self.delta and out.size else out
 
 
 @dataclass(frozen=True)
@@ -269,6 +275,12 @@ class CacheSpec:
         return KIND_IMAGE in self.kinds and self.image_dedup
 
     @property
+    def stores_logit_stats(self) -> bool:
+        """``logit_stats`` is kept with top-k logits (standardized top-k KD reads the std) or with the final
+        hidden states (the exact path); a sampled logits-only cache does without (6 B/row of its ~40)."""
+        return self.logits != "none" and self.logit_stats and (self.logits == "topk" or -1 in self.hidden_layers)
+
+    @property
     def sampled_logprobs(self) -> bool:
         """The sampled tokens' teacher log-probs are stored: needed by the importance weights p/q when the
         proposal is not the teacher itself (``sample_temperature != 1``)."""
@@ -291,15 +303,18 @@ class CacheSpec:
                     Field("topk_logprobs", "row", Codec("raw", self.top_k, lp.dtype),
                           "[T, k] float32: their raw log-probs (T = 1); tail mass = 1 - sum(exp)")]
         elif self.logits == "sampled":
-            out.append(Field("sampled_ids", "row", ids(self.samples),
+            # sorted draws, delta-coded: repeated draws (a confident teacher) store as zeros, and the
+            # differences of spread ones need fewer bits than the ids (byte-shuffle alone does not see that)
+            out.append(Field("sampled_ids", "row", Codec("ids", self.samples, bits=id_bits(self.vocab_size), delta=True),
                              "[T, s] int32: s tokens drawn with replacement from the teacher's distribution at "
                              "sample_temperature, sorted (a token's count = its multiplicity)"))
             if self.sampled_logprobs:
                 out.append(Field("sampled_logprobs", "row", Codec("raw", self.samples, lp.dtype),
                                  "[T, s] float32: the teacher's raw log-prob (T = 1) of each drawn token"))
-        if self.logits != "none" and self.logit_stats:
+        if self.stores_logit_stats:
             out.append(Field("logit_stats", "row", Codec("raw", 2, "<f4"),
-                             "[T, 2] float32: mean and std (Bessel) of the full logit row"))
+                             "[T, 2] float32: mean and std (Bessel) of the full logit row (with top-k logits or "
+                             "the final hidden states: what standardized KD reads)"))
         if self.affinity:
             out.append(Field("affinity", "sample", Codec("float16"),
                              "[n_image, n_answer] float32: cosine similarity of the final hidden states at the "
