@@ -11,7 +11,7 @@ Layout under ``--run-dir`` (default ``demo/``)::
     runs/heldout/          ingest test → cache-teacher: KL / perplexity reference
     runs/original/         ingest labelled → cache-teacher (source=data)
     runs/regenerated/      ingest labelled+unlabelled → regenerate (vLLM) → cache-teacher
-    runs/arm-<arm>-s<seed>/  train-student per arm and seed (links to the shared data/cache)
+    runs/{original,regenerated}/sweep/<arm>/seed<k>/   the arms, trained by `llavadi sweep` from each run's cache
     report.md, report.png, results.json
 
 Arms (LLAVADI study, Table 2/3 in miniature): ``ce`` (CE only), ``ce+kd`` (+ logit KD),
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ...pipeline.runner import StageError
-from .steps import evaluate_cached, link_run, say, stage, train
+from .steps import evaluate_cached, say, stage
 
 
 @dataclass(frozen=True)
@@ -150,42 +150,19 @@ def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", pr
     t_eval = evaluate_cached(held, teacher, "teacher", test_ev)
     timings["eval"] = time.time() - t
 
-    # 4. students, one per arm and seed; learning curves from the checkpoints of two arms -------
-    results, curves = [], {}
-    timings["students_train"] = 0.0
-    timings["curves"] = 0.0
+    # 4. students, one per arm and seed, through `llavadi sweep` (one sweep per cache: the original labelled
+    #    data, the teacher-regenerated data); learning curves from the checkpoints of two arms ----------------
+    t = time.time()
     every = max(1, prof.student_steps // prof.curve_points)
-    for arm, weights in ARMS.items():
-        for seed in prof.seeds:
-            run = runs / f"arm-{arm}-s{seed}"
-            link_run(regen if arm.endswith("regen") else orig, run)
-            curve = arm in CURVE_ARMS and seed == prof.seeds[0]
-            t = time.time()
-            say(f"training arm {arm} (seed {seed})")
-            try:
-                ckpt = train(run, student_init, [f"train_student.{k}={v}" for k, v in weights.items()] + [
-                    f"train_student.lr={prof.student_lr}", f"train_student.batch_size={prof.student_batch}",
-                    f"train_student.micro_batch_size={prof.student_batch}", f"train_student.max_steps={prof.student_steps}",
-                    "train_student.epochs=100000", f"train_student.seed={seed}", "train_student.freeze_vision=true",
-                    f"train_student.save_every_steps={every if curve else 100000}",
-                    f"train_student.keep_checkpoints={prof.curve_points + 1 if curve else 1}",
-                    "train_student.shuffle_buffer=1000", "train_student.log_every_steps=10"])
-            except StageError as e:  # e.g. the teacher answered too few samples to fill a batch
-                say(f"arm {arm} skipped: {e}")
-                results.append({"arm": arm, "seed": seed, "skipped": str(e)})
-                continue
-            train_s = time.time() - t
-            timings["students_train"] += train_s
-            t = time.time()
-            ev = evaluate_cached(run, ckpt, f"{arm}-s{seed}", test_ev)
-            timings["eval"] += time.time() - t
-            results.append({"arm": arm, "seed": seed, "accuracy": ev["answers"]["accuracy"],
-                            "exact_match": ev["answers"]["exact_match"], "kl_to_teacher": ev["teacher_cache"]["kl_to_teacher"],
-                            "perplexity": ev["teacher_cache"]["perplexity"], "train_seconds": round(train_s, 1)})
-            if curve:
-                t = time.time()
-                curves[arm] = learning_curve(run, arm, val_ev)
-                timings["curves"] += time.time() - t
+    results = []
+    for cache_run, arms in ((orig, [a for a in ARMS if not a.endswith("regen")]),
+                            (regen, [a for a in ARMS if a.endswith("regen")])):
+        results += train_arms(cache_run, arms, prof, student_init, data, held, every, executor)
+    timings["students_train"] = sum(r.get("train_seconds", 0.0) for r in results)
+    timings["eval"] += time.time() - t - timings["students_train"]
+    t = time.time()
+    curves = {arm: learning_curve(orig / "sweep" / arm / f"seed{prof.seeds[0]}", arm, val_ev) for arm in CURVE_ARMS}
+    timings["curves"] = time.time() - t
     out = {"profile": name, "sizes": asdict(prof), "date": time.strftime("%Y-%m-%d"),
            "teacher": {"path": str(teacher), "accuracy": t_eval["answers"]["accuracy"],
                        "questions": t_eval["answers"]["scored"],
@@ -236,11 +213,40 @@ def build_student(root: Path, teacher: Path, prof: DemoProfile, base: list[str])
     return out
 
 
-def learning_curve(run: Path, arm: str, val_ev: list[str]) -> list[dict]:
-    """Validation accuracy of every checkpoint the run kept: ``[{"step", "accuracy"}]``."""
+def train_arms(run: Path, arms: list[str], prof: DemoProfile, student: Path, data: Path, held: Path, every: int,
+               executor: str) -> list[dict]:
+    """The demo's ``arms`` trained from ``run``'s cache by ``llavadi sweep`` (``stages.sweep.run_sweep``) with the
+    profile's recipe, each seed scored on the test split (vLLM answers, the held-out cache's KL): the sweep's
+    results rows. The learning-curve arms keep a checkpoint every ``every`` steps."""
+    import yaml
+
+    from ..sweep import run_sweep
+
+    keep = prof.curve_points + 1
+    base = {"student": str(student), "lr": prof.student_lr, "batch_size": prof.student_batch,
+            "micro_batch_size": prof.student_batch, "max_steps": prof.student_steps, "epochs": 100000,
+            "freeze_vision": True, "shuffle_buffer": 1000, "log_every_steps": 10, "save_every_steps": 100000,
+            "keep_checkpoints": 1}
+    spec = {"base": base, "eval": {"engine": "vllm", "image_root": str(data), "max_new_tokens": 6},
+            "arms": {a: {**ARMS[a], **({"save_every_steps": every, "keep_checkpoints": keep} if a in CURVE_ARMS else {})}
+                     for a in arms}}
+    path = run / "demo_arms.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    say(f"training arms {', '.join(arms)} × {len(prof.seeds)} seed(s) with `llavadi sweep {run} --arms {path.name}`")
+    try:
+        out = run_sweep(run, path, seeds=len(prof.seeds), data=str(data / "test.json"),
+                        cache=str(held / "cache_teacher"), executor="local", progress=True)
+    except StageError as e:  # e.g. the teacher answered too few samples to fill a batch
+        say(f"arms {', '.join(arms)} skipped: {e}")
+        return [{"arm": a, "seed": s, "skipped": str(e)} for a in arms for s in prof.seeds]
+    return out["results"]
+
+
+def learning_curve(arm_dir: Path, arm: str, val_ev: list[str]) -> list[dict]:
+    """Validation accuracy of every checkpoint the arm's seed kept: ``[{"step", "accuracy"}]``."""
     pts = []
-    for ckpt in sorted((run / "train_student" / "checkpoints").glob("step_*")):
+    for ckpt in sorted((arm_dir / "checkpoints").glob("step_*")):
         step = int(ckpt.name.split("_")[1])
-        ev = evaluate_cached(run, ckpt, f"val-{arm}-step{step}", val_ev)
+        ev = evaluate_cached(arm_dir, ckpt, f"val-{arm}-step{step}", val_ev)
         pts.append({"step": step, "accuracy": ev["answers"]["accuracy"]})
     return pts
