@@ -1,0 +1,239 @@
+"""The fused head loss: the student's LM head, cross-entropy and KD in one blockwise pass, the gradient
+taken in forward (conventions: ``divergences.py``; shapes: ``losses.py``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .divergences import (TAIL_EPS, _check_kd_args, _compute_dtype, _dense_rows, _drop_teacher, _gather, _kl_rows,
+                          _out_of_range, _put_, _teacher_topk_buckets)
+from .kd import topk_kd_loss
+
+
+# ------------------------------------------------------------- fused head: CE + KD, one pass
+def _analytic(kind: str, beta: float, standardize: bool) -> bool:
+    """Forward KL without standardization has a closed-form logit gradient (the default recipe)."""
+    return not standardize and (kind == "fkl" or (kind == "jsd" and float(beta) == 0.0))
+
+
+def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: dict, want_grad: bool):
+    """One row block of student logits ``z [n, V]`` (float32 or float64, no graph) → (ce ``[n]`` or None,
+    kd ``[n]`` or None, ``dL/dz [n, V]`` or None) for ``L = ce_w * sum(ce) + kd_w * sum(kd)``.
+
+    Forward KL (any ``T``, no standardization) uses closed forms; the other divergences differentiate
+    the reference functions with autograd on this block only, in ``z``'s dtype. ``blk`` holds the block's
+    ``targets``, and ``topk_ids``/``topk_logprobs``/``teacher_logit_std`` (top-k) or
+    ``teacher_logits`` (exact), whichever apply.
+    """
+    t = float(kw["temperature"])
+    kind, beta, standardize = kw["kind"], float(kw["beta"]), bool(kw["standardize"])
+    use_ce, use_kd = ce_w != 0.0 and blk.get("targets") is not None, kd_w != 0.0
+    exact = "teacher_logits" in blk
+    if use_kd and not _analytic(kind, beta, standardize):
+        with torch.enable_grad():
+            zl = z.detach().requires_grad_(want_grad)
+            ce = F.cross_entropy(zl, blk["targets"], reduction="none") if use_ce else None
+            if exact:
+                kd = _dense_rows(zl, blk["teacher_logits"], kind, beta, t, standardize)
+            else:
+                kd = topk_kd_loss(zl, blk["topk_ids"], blk["topk_logprobs"], kind=kind, beta=beta, temperature=t,
+                                  standardize=standardize, teacher_logit_std=blk.get("teacher_logit_std"),
+                                  reduction="none")
+            total = kd_w * kd.sum() + (ce_w * ce.sum() if use_ce else 0.0)
+            g = torch.autograd.grad(total, zl)[0] if want_grad else None
+        return (None if ce is None else ce.detach()), kd.detach(), g
+
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [n, 1]
+    ce = kd = None
+    if use_ce:
+        ce = (lse - z.gather(-1, blk["targets"].view(-1, 1))).squeeze(-1)
+    q = torch.exp(z - lse)  # [n, V] softmax at T = 1; becomes the gradient buffer below
+    if not use_kd:
+        if want_grad:
+            q.mul_(ce_w).scatter_add_(-1, blk["targets"].view(-1, 1), torch.full_like(lse, -ce_w))
+        return ce, None, (q if want_grad else None)
+    if t == 1.0:
+        qt, lse_t, zt_s = q, lse, z
+    else:
+        zt_s = z / t
+        lse_t = torch.logsumexp(zt_s, dim=-1, keepdim=True)
+        qt = torch.exp(zt_s - lse_t)
+    if exact:
+        log_p = F.log_softmax(blk["teacher_logits"].to(z.dtype) / t, dim=-1)
+        kd = _kl_rows(log_p, zt_s - lse_t) * (t * t)
+        # d/dz of T² KL(p || softmax(z/T)) = T (q_T - p)
+        coef = kd_w * t
+        if want_grad:
+            g_kd = (qt - log_p.exp()).mul_(coef)
+    else:
+        ids = blk["topk_ids"].long()
+        oob = blk.get("topk_oob")  # [n, k] bool: ids the student's head lacks (None: all in range)
+        q_top = _gather(qt, ids, oob, 0.0)  # [n, k]
+        # the tail mass summed directly over the complement (exact when tiny): zero the top-k, sum, restore
+        _put_(qt, ids, oob, torch.zeros_like(q_top))
+        q_tail = qt.sum(-1, keepdim=True)
+        _put_(qt, ids, oob, q_top)
+        u_tail = q_tail + TAIL_EPS
+        z_top = _gather(zt_s - lse_t, ids, oob, torch.finfo(z.dtype).min)
+        log_q = F.log_softmax(torch.cat([z_top, torch.log(u_tail)], dim=-1), dim=-1)
+        log_p = _teacher_topk_buckets(_drop_teacher(blk["topk_logprobs"], oob), t, standardize,
+                                      blk.get("teacher_logit_std"), z.dtype)
+        kd = _kl_rows(log_p, log_q) * (t * t)
+        if want_grad:
+            # buckets u = (q_top, q_tail + eps), sum(u) = 1 + eps constant in z, so for KL(p || u / sum u):
+            # dL/dz_j = q_j (P_top + r q_tail) - p_j  (j in top-k),  q_j (P_top + r q_tail - r)  (tail),
+            # r = p_tail / (q_tail + eps); then the chain rule for z / T and the T² factor give T x that.
+            p = log_p.exp()
+            p_tail = p[:, -1:]
+            r = p_tail / u_tail
+            c = (1.0 - p_tail) + r * q_tail
+            coef = kd_w * t
+            # written straight over the top-k ids (not added to the tail formula's q_j (c - r) there):
+            # q_j c - p_j has no q_j r - q_j r cancellation, which cost ~q_j r eps when r >> 1
+            g_kd_top = (q_top * c - p[:, :-1]) * coef  # [n, k]
+    if not want_grad:
+        return ce, kd, None
+    if exact:
+        g = g_kd
+        if use_ce:
+            g.add_(q, alpha=ce_w)
+    else:
+        if use_ce:  # CE's share q_j at the top-k ids (q at T = 1; q_top is a copy taken before q changes)
+            g_kd_top = g_kd_top + ce_w * (q_top if t == 1.0 else _gather(q, ids, oob, 0.0))
+        if t == 1.0:  # qt is q: one in-place pass gives CE's and KD's share of q
+            g = q.mul_((c - r) * coef + (ce_w if use_ce else 0.0))
+        else:
+            g = qt.mul_((c - r) * coef)
+            if use_ce:
+                g.add_(q, alpha=ce_w)
+        _put_(g, ids, oob, g_kd_top)  # an out-of-range entry is no column: its column keeps the tail formula
+    if use_ce:
+        g.scatter_add_(-1, blk["targets"].view(-1, 1), torch.full_like(lse, -ce_w))
+    return ce, kd, g
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Student head + CE + KD, row block by row block, with the gradients taken in forward.
+
+    Each block's ``[rows, V]`` logits are made, turned into losses and their logit gradient, and
+    folded into ``dL/dh`` and ``dL/dW`` at once, so no ``[N, V]`` tensor outlives its block and
+    backward only scales the stored gradients (no recomputation, unlike a checkpointed chunk).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, spec):
+        want = spec["want_grad"]
+        n = h.shape[0]
+        cd = spec["dtype"]  # float64 in -> float64 throughout (the golden tests), else float32
+        hf = h.detach().to(cd)
+        wf = weight.detach().to(cd)
+        bf = None if bias is None else bias.detach().to(cd)
+        gh = torch.zeros_like(hf) if want else None
+        gw = torch.zeros_like(wf) if want else None
+        gb = torch.zeros_like(bf) if (want and bf is not None) else None
+        ce_sum = torch.zeros((), dtype=cd, device=h.device)
+        kd_sum = torch.zeros((), dtype=cd, device=h.device)
+        tw = spec.get("teacher_weight")
+        tw = None if tw is None else tw.to(cd)
+        tb = spec.get("teacher_bias")
+        tb = None if tb is None else tb.to(cd)
+        for s in range(0, n, spec["block"]):
+            e = min(n, s + spec["block"])
+            blk = {key: val[s:e] for key, val in spec["rows"].items()}
+            if tw is not None:
+                blk["teacher_logits"] = F.linear(spec["teacher_hidden"][s:e].to(cd), tw, tb)
+            z = F.linear(hf[s:e], wf, bf)
+            ce, kd, g = _block_loss_grad(z, blk, spec["ce_w"], spec["kd_w"], spec["kw"], want)
+            if ce is not None:
+                ce_sum += ce.sum()
+            if kd is not None:
+                kd_sum += kd.sum()
+            if want:
+                torch.mm(g, wf, out=gh[s:e])
+                gw.addmm_(g.t(), hf[s:e])
+                if gb is not None:
+                    gb += g.sum(0)
+            del z, g, blk
+        ctx.grads = (gh, gw, gb)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        total = spec["ce_w"] * ce_sum + spec["kd_w"] * kd_sum
+        return total, ce_sum, kd_sum
+
+    @staticmethod
+    def backward(ctx, g_total, _g_ce, _g_kd):
+        # not in place: backward may run again on a retained graph (gradcheck, retain_graph=True)
+        out = [None if (g is None or not need) else (g * g_total).to(dt)
+               for g, dt, need in zip(ctx.grads, ctx.dtypes, ctx.needs_input_grad[:3])]
+        return out[0], out[1], out[2], None
+
+
+def fused_head_loss(student_hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor] = None,
+                    *, targets: Optional[torch.Tensor] = None, ce_weight: float = 1.0, kd_weight: float = 1.0,
+                    topk_ids: Optional[torch.Tensor] = None, topk_logprobs: Optional[torch.Tensor] = None,
+                    teacher_logit_std: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
+                    teacher_head_weight: Optional[torch.Tensor] = None,
+                    teacher_head_bias: Optional[torch.Tensor] = None, kind: str = "fkl", beta: float = 0.5,
+                    temperature: float = 1.0, standardize: bool = False, block_rows: int = 512):
+    """The student's LM head, cross-entropy and KD in one pass: ``(total, ce_sum, kd_sum)``.
+
+    ``student_hidden [N, Hs]`` at answer positions, ``head_weight [V, Hs]`` (+ ``head_bias [V]``).
+    ``total = ce_weight * ce_sum + kd_weight * kd_sum`` is differentiable with respect to the
+    hidden states, head weight and bias; ``ce_sum`` (cross-entropy against ``targets [N]``, summed)
+    and ``kd_sum`` (summed per-row divergence) are detached, for logging. KD is top-k + tail
+    (``topk_ids``/``topk_logprobs``, as ``topk_kd_loss``) or exact full-vocabulary
+    (``teacher_hidden [N, Ht]`` + ``teacher_head_weight [V, Ht]``, as ``chunked_exact_kd_loss``);
+    ``kd_weight=0`` gives CE only. Values and gradients equal ``F.cross_entropy(reduction="sum")``
+    plus the matching reference loss with ``reduction="sum"``.
+
+    Work runs ``block_rows`` rows at a time, in float32 (float64 if any floating input is float64,
+    and the losses come back in that dtype): each block's ``[block_rows, V]`` logits
+    give their losses and logit gradient at once (closed form for forward KL without
+    standardization; autograd on the block otherwise) and are folded into ``dL/dh`` and
+    ``dL/dW`` straight away. So the student's logits are computed once (not once for CE and again
+    for KD, nor recomputed in backward as a checkpoint would) and peak extra memory is a few
+    ``block_rows x V`` buffers plus the stored ``[V, Hs]`` head gradient.
+    """
+    _check_kd_args(kind, beta, temperature, "sum")
+    if student_hidden.dim() != 2 or head_weight.dim() != 2 or student_hidden.shape[1] != head_weight.shape[1]:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} must be [N, Hs] and head_weight "
+                         f"{tuple(head_weight.shape)} [V, Hs]")
+    if int(block_rows) < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows!r}")
+    n, v = student_hidden.shape[0], head_weight.shape[0]
+    ce_w, kd_w = float(ce_weight), float(kd_weight)
+    rows = {}
+    if ce_w != 0.0:
+        if targets is None or tuple(targets.shape) != (n,):
+            raise ValueError(f"ce_weight != 0 needs targets [N={n}]")
+        rows["targets"] = targets.long()
+    spec = {"ce_w": ce_w, "kd_w": kd_w, "block": int(block_rows), "rows": rows,
+            "kw": dict(kind=kind, beta=float(beta), temperature=float(temperature), standardize=bool(standardize))}
+    if kd_w != 0.0:
+        if teacher_hidden is not None:
+            if teacher_head_weight is None or teacher_head_weight.shape[0] != v:
+                raise ValueError(f"exact KD needs teacher_head_weight [V={v}, Ht]")
+            if teacher_hidden.shape[0] != n or teacher_hidden.shape[1] != teacher_head_weight.shape[1]:
+                raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must be [N={n}, Ht]")
+            spec["teacher_hidden"] = teacher_hidden.detach()
+            spec["teacher_weight"] = teacher_head_weight.detach()
+            spec["teacher_bias"] = None if teacher_head_bias is None else teacher_head_bias.detach()
+        else:
+            if topk_ids is None or topk_logprobs is None or topk_ids.dim() != 2 or topk_ids.shape[0] != n \
+                    or tuple(topk_logprobs.shape) != tuple(topk_ids.shape) or topk_ids.shape[1] > v:
+                raise ValueError(f"top-k KD needs topk_ids and topk_logprobs [N={n}, k<=V]")
+            if standardize and (teacher_logit_std is None or teacher_logit_std.numel() != n):
+                raise ValueError("standardize=True on the top-k path needs teacher_logit_std [N]")
+            rows["topk_ids"], rows["topk_logprobs"] = topk_ids, topk_logprobs
+            oob = _out_of_range(topk_ids, v)  # teacher head rows the student lacks: their mass goes to the tail
+            if oob is not None:
+                rows["topk_oob"] = oob
+            if teacher_logit_std is not None:
+                rows["teacher_logit_std"] = teacher_logit_std.reshape(n)
+    spec["dtype"] = _compute_dtype(student_hidden, head_weight, head_bias, *(
+        spec.get(key) for key in ("teacher_hidden", "teacher_weight", "teacher_bias")), rows.get("topk_logprobs"))
+    spec["want_grad"] = torch.is_grad_enabled() and (student_hidden.requires_grad or head_weight.requires_grad
+                                                     or (head_bias is not None and head_bias.requires_grad))
+    return _FusedHeadLoss.apply(student_hidden, head_weight, head_bias, spec)
