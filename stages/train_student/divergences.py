@@ -16,7 +16,15 @@ Conventions
   Eq. 1) with TRL's ``generalized_jsd_loss`` convention: ``beta == 0`` is exactly forward KL,
   ``beta == 1`` exactly reverse KL, otherwise with ``M = beta * P_teacher + (1 - beta) * P_student``
   ``JSD = beta * KL(P_teacher || M) + (1 - beta) * KL(P_student || M)``
-  (so it is discontinuous at the two ends, as in TRL).
+  (so it is discontinuous at the two ends, as in TRL); ``"tvd"`` = the total variation distance
+  ``0.5 * sum |P_teacher - P_student|`` (bounded by 1, symmetric, no log: finite with zero-probability
+  entries on either side; its gradient is ``0.5 * sign`` of each difference, 0 where they are equal);
+  ``"mse"`` = the study's ``mse_distill`` (LLAVADI, ``projects/distill/distill_llava_llama.py``:
+  ``F.mse_loss(stu_logits, tea_logits)``): per row the mean over ``V`` of ``(z_s - z_t)**2`` on the raw
+  logits, or on the standardized ones with ``standardize=True`` (the study's ``norm_logits``). ``"mse"``
+  regresses logits, not distributions, so it needs full logit rows (dense / exact paths; the top-k
+  path raises) and ``temperature == 1`` (raises otherwise: a tempered regression is just a rescaled
+  one); a ``-inf`` teacher logit makes its row infinite (no probability to apply the rule below to).
 * Zero-probability teacher entries (a ``-inf`` log-prob or logit, as vLLM returns for a token
   its sampler rules out): ``0 * log 0 = 0``, so such an entry contributes nothing to
   ``KL(P_teacher || .)`` (forward KL, the teacher half of JSD); the JSD mixture ``M`` is > 0
@@ -36,7 +44,9 @@ Conventions
   its ``-inf`` entries stay ``-inf``.
 * Temperature ``T``: both distributions are softened by ``T`` and the divergence is multiplied by
   ``T**2`` (Hinton et al.: keeps gradient magnitudes comparable across temperatures). At
-  ``T = 1`` the factor is 1.
+  ``T = 1`` the factor is 1. ``"tvd"`` is multiplied by ``T**2`` too, for uniformity only: one
+  ``temperature`` knob means the same scaling for every kind (Hinton's argument is for the KL family,
+  whose logit gradient shrinks as ``1/T**2``; the TVD's shrinks as ``1/T``).
 * ``standardize=True`` is logit standardization (Sun et al., CVPR 2024, "Logit Standardization
   in Knowledge Distillation"): each logit row ``z`` is replaced by ``(z - mean(z)) / (std(z) + 1e-7)``
   over the vocabulary (``std`` with Bessel's correction, as ``torch.std`` and the paper's code)
@@ -54,7 +64,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-KD_KINDS = ("fkl", "rkl", "jsd")
+KD_KINDS = ("fkl", "rkl", "jsd", "tvd", "mse")
 REDUCTIONS = ("mean", "sum", "none")
 TAIL_EPS = 1e-8  # added to both tail buckets (top-k path) before renormalising
 STD_EPS = 1e-7  # logit standardization: (z - mean) / (std + STD_EPS), as Sun et al.
@@ -79,12 +89,21 @@ def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 def _check_kd_args(kind: str, beta: float, temperature: float, reduction: str) -> None:
     if kind not in KD_KINDS:
         raise ValueError(f"kind must be one of {KD_KINDS}, got {kind!r}")
+    if kind == "mse" and float(temperature) != 1.0:
+        raise ValueError(f"kind='mse' regresses logits and takes no temperature: it must be 1, got {temperature!r}")
     if not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
     if not float(temperature) > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_bucket_kind(kind: str) -> None:
+    """The top-k + tail path holds ``k + 1`` bucket probabilities, no logit rows: ``"mse"`` cannot run there."""
+    if kind == "mse":
+        raise ValueError("kind='mse' needs the teacher's full logit rows (dense_kd_loss, the exact path from "
+                         "teacher_hidden + teacher head); top-k + tail buckets hold no logits to regress on")
 
 
 def _standardize(z: torch.Tensor) -> torch.Tensor:
@@ -121,9 +140,11 @@ def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 def _divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
     """Per-row divergence between teacher ``log_p`` and student ``log_q`` (normalised, last dim),
     ``[n, K]`` -> ``[n]`` in their dtype. Forward KL, reverse KL with the teacher floored at
-    ``P_FLOOR`` (the zero-probability rule), or GKD's generalised JSD (Agarwal et al. 2024, Eq. 1)
-    with TRL's ends (beta = 0: forward KL, beta = 1: reverse KL)."""
+    ``P_FLOOR`` (the zero-probability rule), GKD's generalised JSD (Agarwal et al. 2024, Eq. 1)
+    with TRL's ends (beta = 0: forward KL, beta = 1: reverse KL), or the total variation distance."""
     beta = float(beta)
+    if kind == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
     if kind == "fkl" or (kind == "jsd" and beta == 0.0):
         return _kl_rows(log_p, log_q)
     if kind == "rkl" or (kind == "jsd" and beta == 1.0):
@@ -143,12 +164,15 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def _dense_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, beta: float,
                 temperature: float, standardize: bool) -> torch.Tensor:
-    """``[n, V]`` student and teacher logits -> ``[n]`` divergences x T^2, in the compute dtype."""
+    """``[n, V]`` student and teacher logits -> ``[n]`` divergences x T^2 (``"mse"``: the mean squared logit
+    difference, T = 1), in the compute dtype."""
     dt = _compute_dtype(student_logits, teacher_logits)
     zs = student_logits.to(dt)
     zt = teacher_logits.detach().to(dt)
     if standardize:
         zs, zt = _standardize(zs), _standardize_teacher(zt)
+    if kind == "mse":  # F.mse_loss per row, as the study's mse_distill (T = 1: _check_kd_args)
+        return (zs - zt).square().mean(dim=-1)
     t = float(temperature)
     log_q = F.log_softmax(zs / t, dim=-1)
     log_p = F.log_softmax(zt / t, dim=-1)
@@ -226,3 +250,4 @@ def _put_(x: torch.Tensor, ids: torch.Tensor, oob: Optional[torch.Tensor], vals:
 def _drop_teacher(topk_logprobs: torch.Tensor, oob: Optional[torch.Tensor]) -> torch.Tensor:
     """The teacher's log-probs with out-of-range entries at ``-inf``: their mass goes to its tail bucket."""
     return topk_logprobs if oob is None else topk_logprobs.masked_fill(oob, float("-inf"))
+

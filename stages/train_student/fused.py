@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .divergences import (TAIL_EPS, _check_kd_args, _compute_dtype, _dense_rows, _drop_teacher, _gather, _kl_rows,
-                          _out_of_range, _put_, _teacher_topk_buckets)
+from .divergences import (TAIL_EPS, _check_bucket_kind, _check_kd_args, _compute_dtype, _dense_rows, _drop_teacher,
+                          _gather, _kl_rows, _out_of_range, _put_, _teacher_topk_buckets)
 from .kd import topk_kd_loss
 
 
@@ -221,6 +221,7 @@ def fused_head_loss(student_hidden: torch.Tensor, head_weight: torch.Tensor, hea
             spec["teacher_weight"] = teacher_head_weight.detach()
             spec["teacher_bias"] = None if teacher_head_bias is None else teacher_head_bias.detach()
         else:
+            _check_bucket_kind(kind)
             if topk_ids is None or topk_logprobs is None or topk_ids.dim() != 2 or topk_ids.shape[0] != n \
                     or tuple(topk_logprobs.shape) != tuple(topk_ids.shape) or topk_ids.shape[1] > v:
                 raise ValueError(f"top-k KD needs topk_ids and topk_logprobs [N={n}, k<=V]")

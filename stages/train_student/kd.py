@@ -60,8 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .divergences import (TAIL_EPS, _check_kd_args, _compute_dtype, _dense_rows, _divergence_rows, _drop_teacher,
-                          _gather, _no_autocast, _out_of_range, _reduce, _standardize, _teacher_topk_buckets)
+from .divergences import (TAIL_EPS, _check_bucket_kind, _check_kd_args, _compute_dtype, _dense_rows,
+                          _divergence_rows, _drop_teacher, _gather, _no_autocast, _out_of_range, _reduce,
+                          _standardize, _teacher_topk_buckets)
 
 
 # ------------------------------------------------------------------------------ top-k + tail
@@ -80,9 +81,11 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
     formed in float64 either way), and returns that dtype: a scalar (``"mean"``/``"sum"``) or
     ``[N]`` (``"none"``). Finite with ``-inf`` entries in ``topk_logprobs`` (zero-probability rule).
     An id ``>= V`` (a teacher head row the student lacks) is no bucket: its teacher mass joins the tail
-    (``divergences._out_of_range``).
+    (``divergences._out_of_range``). ``kind``: ``"fkl"``, ``"rkl"``, ``"jsd"`` or ``"tvd"`` (on the
+    ``k + 1`` buckets); ``"mse"`` raises ``ValueError`` (buckets hold no logits).
     """
     _check_kd_args(kind, beta, temperature, reduction)
+    _check_bucket_kind(kind)
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got shape {tuple(student_logits.shape)}")
     n, v = student_logits.shape
@@ -133,8 +136,10 @@ def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     Both rows are (optionally z-scored, then) divided by ``T``; the divergence is multiplied by
     ``T**2``. Runs in float64 if either input is float64, else float32, and returns that dtype: a
     scalar (``"mean"``/``"sum"``) or ``[N]`` (``"none"``). ``-inf`` teacher logits are
-    zero-probability entries (module docstring: finite on every divergence; with
-    ``standardize=True`` the teacher row is z-scored over its finite entries).
+    zero-probability entries (``divergences.py``: finite on every divergence but ``"mse"``; with
+    ``standardize=True`` the teacher row is z-scored over its finite entries). ``kind`` is any of
+    ``KD_KINDS``; ``"mse"`` (per row the mean over ``V`` of ``(z_s - z_t)**2``, on z-scores with
+    ``standardize=True``) raises ``ValueError`` unless ``temperature == 1``.
     """
     _check_kd_args(kind, beta, temperature, reduction)
     if student_logits.dim() != 2 or tuple(student_logits.shape) != tuple(teacher_logits.shape):
@@ -173,7 +178,8 @@ def chunked_exact_kd_loss(student_hidden: torch.Tensor, student_head_weight: tor
     checkpointed (``use_reentrant=False``) so no ``[N, V]`` tensor is ever materialised, in forward
     or backward. Gradients flow to ``student_hidden``, ``student_head_weight`` and
     ``student_head_bias``; the teacher side is detached. Equal in value and gradients to
-    ``dense_kd_loss`` on the unchunked logits; float64 math and result if any input is float64.
+    ``dense_kd_loss`` on the unchunked logits (every ``kind``, ``"mse"`` included); float64 math and result if
+    any input is float64.
     """
     _check_kd_args(kind, beta, temperature, reduction)
     if int(chunk_size) < 1:
@@ -212,3 +218,4 @@ def chunked_exact_kd_loss(student_hidden: torch.Tensor, student_head_weight: tor
         dt = _compute_dtype(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight)
         out = student_hidden.to(dt).sum(dim=-1) * 0.0
     return _reduce(out, reduction)
+

@@ -1,0 +1,192 @@
+"""Loss mathematics of issue #21's terms against float64 references written here: total variation and
+logit MSE (dense, exact, top-k buckets, fused).
+
+Every expected value and gradient comes from torch.float64 autograd on a plain formula in this file
+(softmax, bucket coarsening, z-scores), never from a helper of the modules under test.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llavadi.stages.train_student.losses import (KD_KINDS, chunked_exact_kd_loss, dense_kd_loss, fused_head_loss,
+                                                 topk_kd_loss)
+
+# the documented constants, restated (not imported): the references must not share code with the module
+TAIL_EPS = 1e-8  # added to both tail buckets after tempering, then renormalised
+STD_EPS = 1e-7  # logit standardization: (z - mean) / (std + STD_EPS), std with Bessel's correction
+F64 = dict(rtol=1e-9, atol=1e-11)  # float64 module vs float64 reference
+F32 = dict(rtol=2e-5, atol=2e-6)  # float32 module vs float64 reference
+
+
+# ------------------------------------------------------------------------ float64 references
+def zscore(z):
+    return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + STD_EPS)
+
+
+def tvd_rows(p, q):
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def dense_ref(zs, zt, kind, T=1.0, std=False):
+    """Per-row tvd (x T^2) or logit mse between full rows."""
+    if std:
+        zs, zt = zscore(zs), zscore(zt)
+    if kind == "mse":
+        return ((zs - zt) ** 2).mean(-1)
+    return tvd_rows(torch.softmax(zt / T, -1), torch.softmax(zs / T, -1)) * T * T
+
+
+def bucket_ref(zs, ids, top_lp, T=1.0):
+    """Top-k + tail buckets: student tempered over V then coarsened; teacher's k + 1 buckets re-tempered
+    as p ** (1/T) renormalised; TAIL_EPS added to both tails, both renormalised. -> (p [N, k+1], q)."""
+    q = torch.softmax(zs / T, -1)
+    in_top = torch.zeros_like(q, dtype=torch.bool).scatter(-1, ids, True)
+    q_b = torch.cat([q.gather(-1, ids), (q * ~in_top).sum(-1, keepdim=True)], -1)
+    p_top = top_lp.exp()
+    p_b = torch.cat([p_top, 1.0 - p_top.sum(-1, keepdim=True)], -1).clamp(min=0) ** (1.0 / T)
+    p_b = p_b / p_b.sum(-1, keepdim=True)
+    eps = torch.tensor([0.0] * ids.shape[1] + [TAIL_EPS], dtype=torch.float64)
+    return (p_b + eps) / (1 + TAIL_EPS), (q_b + eps) / (1 + TAIL_EPS)
+
+
+def kl_rows(p, q):
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def problem(n=9, v=31, hs=6, ht=5, k=4, seed=0):
+    """float64 student hidden/head/bias, teacher hidden/head, its logits and top-k; targets."""
+    g = torch.Generator().manual_seed(seed)
+    x = dict(h=torch.randn(n, hs, generator=g, dtype=torch.float64) * 1.3,
+             w=torch.randn(v, hs, generator=g, dtype=torch.float64) * 0.8,
+             b=torch.randn(v, generator=g, dtype=torch.float64) * 0.3,
+             th=torch.randn(n, ht, generator=g, dtype=torch.float64),
+             wt=torch.randn(v, ht, generator=g, dtype=torch.float64) * 1.1,
+             targets=torch.randint(0, v, (n,), generator=g))
+    x["zt"] = x["th"] @ x["wt"].T
+    x["ids"] = torch.argsort(-x["zt"], dim=-1, stable=True)[:, :k]
+    x["top_lp"] = torch.log_softmax(x["zt"], -1).gather(-1, x["ids"])
+    return x
+
+
+def leaves(x, dtype=torch.float64):
+    return [x[key].to(dtype).clone().requires_grad_() for key in ("h", "w", "b")]
+
+
+grads_of = torch.autograd.grad
+
+
+def check_logits(got_fn, ref_fn, z, tol=F64):
+    """``got_fn(z)`` equals ``ref_fn(z)`` (float64 ``[N]`` rows) in value and in its gradient in ``z``."""
+    za, zr = z.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    got, ref = got_fn(za), ref_fn(zr)
+    torch.testing.assert_close(got.double(), ref.detach(), **tol)
+    torch.testing.assert_close(grads_of(got.sum(), za)[0].double(), grads_of(ref.sum(), zr)[0], **tol)
+
+
+def check_head(x, got_fn, ref_fn, dtype=torch.float64):
+    """``got_fn(h, w, b)`` and ``ref_fn(h, w, b)`` (float64 leaves) give equal tuples of scalars, and equal
+    gradients of their first entry (the total) in ``h``, ``w``, ``b``; the module's leaves in ``dtype``."""
+    tol = F64 if dtype == torch.float64 else F32
+    ls, rs = leaves(x, dtype), leaves(x)
+    got, ref = got_fn(*ls), ref_fn(*rs)
+    for a, r in zip(got, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), r.detach(), **tol)
+    for a, r in zip(grads_of(got[0], ls), grads_of(ref[0], rs)):
+        torch.testing.assert_close(a.double(), r, **tol)
+
+
+# -------------------------------------------------------------------------------- tvd
+@pytest.mark.parametrize("T,std", [(1.0, False), (2.0, False), (1.5, True)])
+def test_tvd_dense_and_exact_value_and_gradient(T, std):
+    x = problem()
+    kw = dict(kind="tvd", temperature=T, standardize=std)
+    ref = lambda z: dense_ref(z, x["zt"], "tvd", T, std)  # noqa: E731
+    check_logits(lambda z: dense_kd_loss(z, x["zt"], reduction="none", **kw), ref, x["h"] @ x["w"].T)
+    # float32 inputs: float32 math, the same function
+    check_logits(lambda z: dense_kd_loss(z.float(), x["zt"].float(), reduction="none", **kw), ref, x["h"] @ x["w"].T,
+                 tol=F32)
+    # the exact path from hidden states + heads: gradients into h, W and b
+    check_head(x, lambda h, w, b: (chunked_exact_kd_loss(h, w, x["th"], x["wt"], student_head_bias=b, chunk_size=4,
+                                                         reduction="sum", **kw),),
+               lambda h, w, b: (ref(F.linear(h, w, b)).sum(),))
+
+
+def test_tvd_bounds_and_zero_probability_teacher():
+    x = problem()
+    zs = x["h"] @ x["w"].T
+    assert dense_kd_loss(zs, zs, kind="tvd", reduction="sum").item() == pytest.approx(0.0, abs=1e-15)
+    zt = x["zt"].clone()
+    zt[:, :5] = -math.inf  # tokens the teacher rules out: |0 - q| each, finite
+    zs_l = zs.clone().requires_grad_()
+    got = dense_kd_loss(zs_l, zt, kind="tvd", reduction="none")
+    got.sum().backward()
+    ref = tvd_rows(torch.softmax(zt, -1), torch.softmax(zs, -1))
+    torch.testing.assert_close(got, ref, **F64)
+    assert torch.isfinite(zs_l.grad).all() and (got <= 1.0).all()
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_tvd_topk_buckets_value_and_gradient(T):
+    x = problem()
+    check_logits(lambda z: topk_kd_loss(z, x["ids"], x["top_lp"], kind="tvd", temperature=T, reduction="none"),
+                 lambda z: tvd_rows(*bucket_ref(z, x["ids"], x["top_lp"], T)) * T * T, x["h"] @ x["w"].T)
+
+
+@pytest.mark.parametrize("source", ["topk", "exact"])
+def test_tvd_fused_value_and_gradient(source):
+    x = problem()
+    T = 1.5
+    teacher = (dict(topk_ids=x["ids"], topk_logprobs=x["top_lp"]) if source == "topk"
+               else dict(teacher_hidden=x["th"], teacher_head_weight=x["wt"]))
+
+    def ref(h, w, b):
+        z = F.linear(h, w, b)
+        kd = (tvd_rows(*bucket_ref(z, x["ids"], x["top_lp"], T)) if source == "topk"
+              else tvd_rows(torch.softmax(x["zt"] / T, -1), torch.softmax(z / T, -1))).sum() * T * T
+        ce = -torch.log_softmax(z, -1).gather(-1, x["targets"][:, None]).sum()
+        return 0.3 * ce + 1.7 * kd, ce, kd
+
+    check_head(x, lambda h, w, b: fused_head_loss(h, w, b, targets=x["targets"], ce_weight=0.3, kd_weight=1.7,
+                                                  kind="tvd", temperature=T, block_rows=4, **teacher), ref)
+
+
+# -------------------------------------------------------------------------------- mse
+@pytest.mark.parametrize("std", [False, True])
+def test_mse_dense_exact_and_fused_value_and_gradient(std):
+    x = problem()
+    zs = x["h"] @ x["w"].T + x["b"]
+    ref = lambda z: dense_ref(z, x["zt"], "mse", std=std)  # noqa: E731
+    check_logits(lambda z: dense_kd_loss(z, x["zt"], kind="mse", standardize=std, reduction="none"), ref, zs)
+    # "mean" = the mean over all N x V elements: F.mse_loss, the study's mse_distill
+    want = F.mse_loss(zscore(zs) if std else zs, zscore(x["zt"]) if std else x["zt"])
+    torch.testing.assert_close(dense_kd_loss(zs, x["zt"], kind="mse", standardize=std), want, **F64)
+    teacher = dict(teacher_hidden=x["th"], teacher_head_weight=x["wt"])
+
+    def ref_head(h, w, b):
+        z = F.linear(h, w, b)
+        kd = ref(z).sum()
+        return 0.5 * F.cross_entropy(z, x["targets"], reduction="sum") + 2.0 * kd, kd
+
+    check_head(x, lambda h, w, b: fused_head_loss(h, w, b, targets=x["targets"], ce_weight=0.5, kd_weight=2.0,
+                                                  kind="mse", standardize=std, block_rows=3, **teacher)[::2], ref_head)
+    check_head(x, lambda h, w, b: (chunked_exact_kd_loss(h, w, x["th"], x["wt"], student_head_bias=b, kind="mse",
+                                                         standardize=std, chunk_size=4, reduction="sum"),),
+               lambda h, w, b: ref_head(h, w, b)[1:])
+
+
+def test_mse_rules():
+    x = problem()
+    zs = x["h"] @ x["w"].T
+    assert "mse" in KD_KINDS and "tvd" in KD_KINDS
+    with pytest.raises(ValueError, match="temperature"):
+        dense_kd_loss(zs, x["zt"], kind="mse", temperature=2.0)
+    with pytest.raises(ValueError, match="full logit rows"):
+        topk_kd_loss(zs, x["ids"], x["top_lp"], kind="mse")
+    with pytest.raises(ValueError, match="full logit rows"):
+        fused_head_loss(x["h"], x["w"], targets=x["targets"], topk_ids=x["ids"], topk_logprobs=x["top_lp"],
+                        kind="mse")
