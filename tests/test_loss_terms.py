@@ -1,5 +1,6 @@
 """Loss mathematics of issue #21's terms against float64 references written here: total variation and
-logit MSE (dense, exact, top-k buckets, fused).
+logit MSE (dense, exact, top-k buckets, fused), the teacher's argmax, the identity projector and the
+image x answer affinity loss.
 
 Every expected value and gradient comes from torch.float64 autograd on a plain formula in this file
 (softmax, bucket coarsening, z-scores), never from a helper of the modules under test.
@@ -12,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llavadi.stages.train_student.losses import (KD_KINDS, chunked_exact_kd_loss, dense_kd_loss, fused_head_loss,
-                                                 topk_kd_loss)
+from llavadi.stages.train_student.losses import (KD_KINDS, FeatureProjector, affinity_loss, chunked_exact_kd_loss,
+                                                 dense_kd_loss, fused_head_loss, teacher_argmax, topk_kd_loss)
 
 # the documented constants, restated (not imported): the references must not share code with the module
 TAIL_EPS = 1e-8  # added to both tail buckets after tempering, then renormalised
@@ -190,3 +191,62 @@ def test_mse_rules():
     with pytest.raises(ValueError, match="full logit rows"):
         fused_head_loss(x["h"], x["w"], targets=x["targets"], topk_ids=x["ids"], topk_logprobs=x["top_lp"],
                         kind="mse")
+
+
+# ------------------------------------------------------------------------------ teacher argmax
+def test_teacher_argmax_in_blocks():
+    x = problem(n=23)
+    b = torch.randn(x["wt"].shape[0], dtype=torch.float64)
+    want = (x["th"] @ x["wt"].T + b).argmax(-1)
+    for block in (1, 5, 100):
+        got = teacher_argmax(x["th"], x["wt"], b, block_rows=block)
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+    # float32 / half inputs: float32 math; a tie (two equal head rows) goes to the lowest id
+    wt = x["wt"].float().clone()
+    top = int((x["th"][0].float() @ wt.T).argmax())
+    twin = top + 1 if top + 1 < wt.shape[0] else top - 1
+    wt[twin] = wt[top]
+    assert int(teacher_argmax(x["th"].half(), wt, block_rows=4)[0]) == min(top, twin)
+    with pytest.raises(ValueError):
+        teacher_argmax(x["th"], x["wt"][:, :3])
+
+
+# ------------------------------------------------------------------------------ projector none
+def test_projector_none_is_the_identity():
+    proj = FeatureProjector(6, 6, kind="none")
+    assert list(proj.parameters()) == []
+    x = torch.randn(4, 6).bfloat16()
+    assert proj(x) is x
+    with pytest.raises(ValueError, match="6.*8|8.*6"):
+        FeatureProjector(6, 8, kind="none")
+
+
+# ------------------------------------------------------------------------------ affinity
+def affinity_ref(hi, ha, tb):
+    si = hi / hi.norm(dim=-1, keepdim=True)
+    sa = ha / ha.norm(dim=-1, keepdim=True)
+    return (si @ sa.T - tb) ** 2
+
+
+def test_affinity_loss_value_and_gradient():
+    g = torch.Generator().manual_seed(3)
+    hi = torch.randn(7, 10, generator=g, dtype=torch.float64) * 2
+    ha = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    ti, ta = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    tb = (ti / ti.norm(dim=-1, keepdim=True)) @ (ta / ta.norm(dim=-1, keepdim=True)).T
+    for r, red in (("sum", torch.sum), ("mean", torch.mean), ("none", lambda t: t)):  # gradients: image, answer side
+        check_logits(lambda a: affinity_loss(a, ha, tb, reduction=r), lambda a: red(affinity_ref(a, ha, tb)), hi)
+        check_logits(lambda a: affinity_loss(hi, a, tb, reduction=r), lambda a: red(affinity_ref(hi, a, tb)), ha)
+    # the study's normaliser: sum over the image x answer block / its element count
+    torch.testing.assert_close(affinity_loss(hi, ha, tb, reduction="mean"), affinity_ref(hi, ha, tb).sum() / 35, **F64)
+    # bfloat16 student, float16 cached block: float32 math; the teacher gets no gradient
+    tb_half = tb.half().requires_grad_()
+    a = hi.bfloat16().requires_grad_()
+    got = affinity_loss(a, ha.bfloat16(), tb_half)
+    got.backward()
+    assert got.dtype == torch.float32 and tb_half.grad is None and a.grad is not None
+    torch.testing.assert_close(got.double(), affinity_ref(hi.bfloat16().double(), ha.bfloat16().double(),
+                                                          tb.half().double()).sum(), **F32)
+    assert affinity_loss(hi[:0], ha, tb[:0], reduction="mean").item() == 0.0
+    with pytest.raises(ValueError):
+        affinity_loss(hi, ha, tb.T)

@@ -250,4 +250,3 @@ def _put_(x: torch.Tensor, ids: torch.Tensor, oob: Optional[torch.Tensor], vals:
 def _drop_teacher(topk_logprobs: torch.Tensor, oob: Optional[torch.Tensor]) -> torch.Tensor:
     """The teacher's log-probs with out-of-range entries at ``-inf``: their mass goes to its tail bucket."""
     return topk_logprobs if oob is None else topk_logprobs.masked_fill(oob, float("-inf"))
-

@@ -1,5 +1,5 @@
 """The KD reference losses on materialised or chunked logits (conventions: ``divergences.py``; shapes:
-``losses.py``).
+``losses.py``), and the teacher's argmax from the exact path's cache.
 
 Top-k + tail bucket (``topk_kd_loss``)
 --------------------------------------
@@ -219,3 +219,33 @@ def chunked_exact_kd_loss(student_hidden: torch.Tensor, student_head_weight: tor
         out = student_hidden.to(dt).sum(dim=-1) * 0.0
     return _reduce(out, reduction)
 
+
+def teacher_argmax(teacher_hidden: torch.Tensor, teacher_head_weight: torch.Tensor,
+                   teacher_head_bias: Optional[torch.Tensor] = None, *, block_rows: int = 1024) -> torch.Tensor:
+    """The teacher's most likely token per row, ``[N] int64``: ``argmax(teacher_hidden [N, Ht] @
+    teacher_head_weight [V, Ht].T (+ teacher_head_bias [V]))`` over ``V``, ``block_rows`` rows at a time
+    (``[block_rows, V]`` logits at most, never ``[N, V]``), without gradient. The CE term's target when it
+    trains on the teacher's argmax from the exact path's cache; on the top-k path the argmax is
+    ``topk_ids[:, 0]`` (the cache stores the top-k sorted, largest first); a sampled cache has none.
+
+    Float32 (float64 if any input is float64); ties go to the lowest id (``torch.argmax``). The cached
+    hidden states are the teacher's final hidden state rounded to the cache's dtype, so on a near-tie
+    this argmax may differ from the teacher's own. Raises ``ValueError`` on mismatched shapes or
+    ``block_rows < 1``.
+    """
+    if int(block_rows) < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows!r}")
+    th, wt, tb = teacher_hidden, teacher_head_weight, teacher_head_bias
+    if th.dim() != 2 or wt.dim() != 2 or th.shape[1] != wt.shape[1]:
+        raise ValueError(f"teacher_hidden {tuple(th.shape)} must be [N, Ht] and teacher_head_weight "
+                         f"{tuple(wt.shape)} [V, Ht]")
+    if tb is not None and tuple(tb.shape) != (wt.shape[0],):
+        raise ValueError(f"teacher_head_bias must be [V={wt.shape[0]}], got {tuple(tb.shape)}")
+    n, block = th.shape[0], int(block_rows)
+    dt = _compute_dtype(th, wt, tb)
+    out = torch.empty(n, dtype=torch.int64, device=th.device)
+    with torch.no_grad(), _no_autocast(th.device):
+        w, b = wt.to(dt), None if tb is None else tb.to(dt)
+        for start in range(0, n, block):
+            out[start:start + block] = F.linear(th[start:start + block].to(dt), w, b).argmax(dim=-1)
+    return out

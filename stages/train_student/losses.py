@@ -4,11 +4,13 @@ names of
 * ``divergences.py`` -- the conventions every KD path shares (precision, kinds, the zero-probability rule,
   temperature, standardization, reduction), the per-row divergences, the teacher's top-k + tail buckets;
 * ``kd.py`` -- the reference KD losses: ``topk_kd_loss``, ``dense_kd_loss``, ``chunked_exact_kd_loss``;
+  and ``teacher_argmax`` (the exact path's CE target on the teacher's argmax);
 * ``fused.py`` -- ``fused_head_loss``: the student's head, CE and KD in one blockwise pass;
-* ``features.py`` -- ``FeatureProjector``, ``feature_loss``.
+* ``features.py`` -- ``FeatureProjector``, ``feature_loss``, ``affinity_loss``.
 
-Every function takes **answer positions only**, flattened to rows: ``N`` answer tokens, vocabulary
-``V``, top-k width ``k``, hidden sizes ``Hs`` (student) / ``Ht`` / ``H`` (teacher).
+Every function takes **answer positions only** (``affinity_loss`` also a sample's image positions),
+flattened to rows: ``N`` answer tokens, vocabulary ``V``, top-k width ``k``, hidden sizes ``Hs`` (student) /
+``Ht`` / ``H`` (teacher).
 
 ==========================  ===================  ==========================================
 argument                    shape                dtype
@@ -28,9 +30,10 @@ argument                    shape                dtype
 from __future__ import annotations
 
 from .divergences import KD_KINDS, P_FLOOR, REDUCTIONS, TAIL_EPS
-from .features import FEATURE_KINDS, PROJECTOR_KINDS, FeatureProjector, feature_loss
+from .features import FEATURE_KINDS, PROJECTOR_KINDS, FeatureProjector, affinity_loss, feature_loss
 from .fused import fused_head_loss
-from .kd import chunked_exact_kd_loss, dense_kd_loss, topk_kd_loss
+from .kd import chunked_exact_kd_loss, dense_kd_loss, teacher_argmax, topk_kd_loss
 
-__all__ = ["topk_kd_loss", "dense_kd_loss", "chunked_exact_kd_loss", "fused_head_loss", "FeatureProjector",
-           "feature_loss", "KD_KINDS", "FEATURE_KINDS", "PROJECTOR_KINDS", "REDUCTIONS", "TAIL_EPS", "P_FLOOR"]
+__all__ = ["topk_kd_loss", "dense_kd_loss", "chunked_exact_kd_loss", "teacher_argmax",
+           "fused_head_loss", "FeatureProjector", "feature_loss", "affinity_loss", "KD_KINDS", "FEATURE_KINDS",
+           "PROJECTOR_KINDS", "REDUCTIONS", "TAIL_EPS", "P_FLOOR"]
