@@ -1,6 +1,6 @@
 """Loss mathematics of issue #21's terms against float64 references written here: total variation and
-logit MSE (dense, exact, top-k buckets, fused), the teacher's argmax, the identity projector and the
-image x answer affinity loss.
+logit MSE (dense, exact, top-k buckets, fused), the fused head's per-row weights, the teacher's argmax,
+the identity projector and the image x answer affinity loss.
 
 Every expected value and gradient comes from torch.float64 autograd on a plain formula in this file
 (softmax, bucket coarsening, z-scores), never from a helper of the modules under test.
@@ -191,6 +191,68 @@ def test_mse_rules():
     with pytest.raises(ValueError, match="full logit rows"):
         fused_head_loss(x["h"], x["w"], targets=x["targets"], topk_ids=x["ids"], topk_logprobs=x["top_lp"],
                         kind="mse")
+
+
+# ------------------------------------------------------------------ fused: per-row weights
+def per_row_refs(x, z, source, kind, T):
+    """Per-row CE and KD (float64, differentiable in z) for the fused head's sources."""
+    ce = -torch.log_softmax(z, -1).gather(-1, x["targets"].clamp(min=0)[:, None])[:, 0]
+    if source == "exact":
+        p, q = torch.softmax(x["zt"] / T, -1), torch.softmax(z / T, -1)
+    else:
+        p, q = bucket_ref(z, x["ids"], x["top_lp"], T)
+    kd = {"fkl": kl_rows(p, q), "rkl": kl_rows(q, p), "tvd": tvd_rows(p, q)}[kind] * T * T
+    return ce, kd
+
+
+def weight_sets(n):
+    """(CE row weights, KD row weights): CE on answer rows only, token mean; KD on every row, per sample."""
+    answer = torch.tensor([i % 3 != 0 for i in range(n)], dtype=torch.float64)
+    ce_w = answer / answer.sum()
+    samples = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])[:n]  # 3 samples of 3, 2, 4 rows
+    counts = torch.bincount(samples).double()
+    kd_w = 1.0 / (len(counts) * counts[samples])  # the study's per-sample mean: mean over samples of row means
+    return ce_w, kd_w
+
+
+@pytest.mark.parametrize("source,kind,T", [("topk", "fkl", 1.0), ("topk", "fkl", 2.0), ("exact", "fkl", 1.0),
+                                           ("exact", "fkl", 1.5), ("topk", "rkl", 1.0), ("exact", "tvd", 2.0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_row_weights_equal_weighted_per_row_references(source, kind, T, dtype):
+    x = problem()
+    n = x["h"].shape[0]
+    ce_rw, kd_rw = weight_sets(n)
+    targets = x["targets"].clone()
+    targets[ce_rw == 0] = -100  # rows out of the CE term may hold an ignore index
+    teacher = (dict(topk_ids=x["ids"], topk_logprobs=x["top_lp"].to(dtype)) if source == "topk"
+               else dict(teacher_hidden=x["th"].to(dtype), teacher_head_weight=x["wt"].to(dtype)))
+
+    def ref(h, w, b):
+        ce_rows, kd_rows = per_row_refs(x, F.linear(h, w, b), source, kind, T)
+        ce, kd = (ce_rw * ce_rows).sum(), (kd_rw * kd_rows).sum()
+        return 0.7 * ce + 1.3 * kd, ce, kd
+
+    check_head(x, lambda h, w, b: fused_head_loss(h, w, b, targets=targets, ce_weight=0.7, kd_weight=1.3,
+                                                  ce_row_weight=ce_rw.to(dtype), kd_row_weight=kd_rw.to(dtype),
+                                                  kind=kind, temperature=T, block_rows=4, **teacher), ref, dtype)
+
+
+def test_fused_row_weights_of_one_are_the_unweighted_loss():
+    x = problem()
+    n = x["h"].shape[0]
+    for teacher in (dict(topk_ids=x["ids"], topk_logprobs=x["top_lp"]),
+                    dict(teacher_hidden=x["th"], teacher_head_weight=x["wt"])):
+        out = [fused_head_loss(*leaves(x), targets=x["targets"], block_rows=4, **teacher, **rw)
+               for rw in ({}, dict(ce_row_weight=torch.ones(n, dtype=torch.float64),
+                                   kd_row_weight=torch.ones(n, dtype=torch.float64)))]
+        for a, b in zip(*out):
+            torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="kd_row_weight"):
+        fused_head_loss(x["h"], x["w"], targets=x["targets"], topk_ids=x["ids"], topk_logprobs=x["top_lp"],
+                        kd_row_weight=torch.ones(n - 1))
+    with pytest.raises(ValueError, match="one teacher source"):
+        fused_head_loss(x["h"], x["w"], targets=x["targets"], topk_ids=x["ids"], topk_logprobs=x["top_lp"],
+                        teacher_hidden=x["th"], teacher_head_weight=x["wt"])
 
 
 # ------------------------------------------------------------------------------ teacher argmax

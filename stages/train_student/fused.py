@@ -18,19 +18,43 @@ def _analytic(kind: str, beta: float, standardize: bool) -> bool:
     return not standardize and (kind == "fkl" or (kind == "jsd" and float(beta) == 0.0))
 
 
+# A term's coefficient of each row's loss in L: the float term weight when every row weighs 1 (the code
+# path, and so the bits, of the unweighted loss), else the [n, 1] column term weight x row weight.
+def _coef(w: float, row_weight: Optional[torch.Tensor]):
+    return w if row_weight is None else w * row_weight.view(-1, 1)
+
+
+def _term(rows: torch.Tensor, c) -> torch.Tensor:
+    """``sum_i c_i rows_i`` for a float or ``[n, 1]`` coefficient ``c``."""
+    return c * rows.sum() if isinstance(c, float) else (c.view(-1) * rows).sum()
+
+
+def _sub_target_(g: torch.Tensor, targets: torch.Tensor, c, lse: torch.Tensor) -> torch.Tensor:
+    """CE's ``-c onehot(target)`` share of the logit gradient, added to ``g [n, V]`` in place (``lse [n, 1]``
+    gives the column's shape and dtype)."""
+    return g.scatter_add_(-1, targets.view(-1, 1), torch.full_like(lse, -c) if isinstance(c, float) else -c)
+
+
+def _add_scaled_(g: torch.Tensor, x: torch.Tensor, c) -> torch.Tensor:
+    """``g += c x`` in place, for a float or ``[n, 1]`` coefficient ``c``."""
+    return g.add_(x, alpha=c) if isinstance(c, float) else g.addcmul_(x, c)
+
+
 def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: dict, want_grad: bool):
     """One row block of student logits ``z [n, V]`` (float32 or float64, no graph) → (ce ``[n]`` or None,
-    kd ``[n]`` or None, ``dL/dz [n, V]`` or None) for ``L = ce_w * sum(ce) + kd_w * sum(kd)``.
+    kd ``[n]`` or None, ``dL/dz [n, V]`` or None) for ``L = sum(ce_c * ce) + sum(kd_c * kd)``, with
+    ``ce_c = ce_w * ce_row_weight`` and ``kd_c = kd_w * kd_row_weight`` (row weight 1 where absent).
 
     Forward KL (any ``T``, no standardization) uses closed forms; the other divergences differentiate
     the reference functions with autograd on this block only, in ``z``'s dtype. ``blk`` holds the block's
-    ``targets``, and ``topk_ids``/``topk_logprobs``/``teacher_logit_std`` (top-k) or
-    ``teacher_logits`` (exact), whichever apply.
+    ``targets``, ``ce_row_weight``/``kd_row_weight``, and ``topk_ids``/``topk_logprobs``/``teacher_logit_std``
+    (top-k) or ``teacher_logits`` (exact), whichever apply.
     """
     t = float(kw["temperature"])
     kind, beta, standardize = kw["kind"], float(kw["beta"]), bool(kw["standardize"])
     use_ce, use_kd = ce_w != 0.0 and blk.get("targets") is not None, kd_w != 0.0
     exact = "teacher_logits" in blk
+    ce_c, kd_c = _coef(ce_w, blk.get("ce_row_weight")), _coef(kd_w, blk.get("kd_row_weight"))
     if use_kd and not _analytic(kind, beta, standardize):
         with torch.enable_grad():
             zl = z.detach().requires_grad_(want_grad)
@@ -41,7 +65,7 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
                 kd = topk_kd_loss(zl, blk["topk_ids"], blk["topk_logprobs"], kind=kind, beta=beta, temperature=t,
                                   standardize=standardize, teacher_logit_std=blk.get("teacher_logit_std"),
                                   reduction="none")
-            total = kd_w * kd.sum() + (ce_w * ce.sum() if use_ce else 0.0)
+            total = _term(kd, kd_c) + (_term(ce, ce_c) if use_ce else 0.0)
             g = torch.autograd.grad(total, zl)[0] if want_grad else None
         return (None if ce is None else ce.detach()), kd.detach(), g
 
@@ -52,7 +76,7 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
     q = torch.exp(z - lse)  # [n, V] softmax at T = 1; becomes the gradient buffer below
     if not use_kd:
         if want_grad:
-            q.mul_(ce_w).scatter_add_(-1, blk["targets"].view(-1, 1), torch.full_like(lse, -ce_w))
+            _sub_target_(q.mul_(ce_c), blk["targets"], ce_c, lse)
         return ce, None, (q if want_grad else None)
     if t == 1.0:
         qt, lse_t, zt_s = q, lse, z
@@ -64,7 +88,7 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
         log_p = F.log_softmax(blk["teacher_logits"].to(z.dtype) / t, dim=-1)
         kd = _kl_rows(log_p, zt_s - lse_t) * (t * t)
         # d/dz of T² KL(p || softmax(z/T)) = T (q_T - p)
-        coef = kd_w * t
+        coef = kd_c * t
         if want_grad:
             g_kd = (qt - log_p.exp()).mul_(coef)
     else:
@@ -89,7 +113,7 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
             p_tail = p[:, -1:]
             r = p_tail / u_tail
             c = (1.0 - p_tail) + r * q_tail
-            coef = kd_w * t
+            coef = kd_c * t
             # written straight over the top-k ids (not added to the tail formula's q_j (c - r) there):
             # q_j c - p_j has no q_j r - q_j r cancellation, which cost ~q_j r eps when r >> 1
             g_kd_top = (q_top * c - p[:, :-1]) * coef  # [n, k]
@@ -98,19 +122,19 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
     if exact:
         g = g_kd
         if use_ce:
-            g.add_(q, alpha=ce_w)
+            _add_scaled_(g, q, ce_c)
     else:
         if use_ce:  # CE's share q_j at the top-k ids (q at T = 1; q_top is a copy taken before q changes)
-            g_kd_top = g_kd_top + ce_w * (q_top if t == 1.0 else _gather(q, ids, oob, 0.0))
+            g_kd_top = g_kd_top + ce_c * (q_top if t == 1.0 else _gather(q, ids, oob, 0.0))
         if t == 1.0:  # qt is q: one in-place pass gives CE's and KD's share of q
-            g = q.mul_((c - r) * coef + (ce_w if use_ce else 0.0))
+            g = q.mul_((c - r) * coef + (ce_c if use_ce else 0.0))
         else:
             g = qt.mul_((c - r) * coef)
             if use_ce:
-                g.add_(q, alpha=ce_w)
+                _add_scaled_(g, q, ce_c)
         _put_(g, ids, oob, g_kd_top)  # an out-of-range entry is no column: its column keeps the tail formula
     if use_ce:
-        g.scatter_add_(-1, blk["targets"].view(-1, 1), torch.full_like(lse, -ce_w))
+        _sub_target_(g, blk["targets"], ce_c, lse)
     return ce, kd, g
 
 
@@ -146,10 +170,10 @@ class _FusedHeadLoss(torch.autograd.Function):
                 blk["teacher_logits"] = F.linear(spec["teacher_hidden"][s:e].to(cd), tw, tb)
             z = F.linear(hf[s:e], wf, bf)
             ce, kd, g = _block_loss_grad(z, blk, spec["ce_w"], spec["kd_w"], spec["kw"], want)
-            if ce is not None:
-                ce_sum += ce.sum()
+            if ce is not None:  # weighted by the row weights, where given (float weight 1.0: the plain sum)
+                ce_sum += _term(ce, blk["ce_row_weight"]) if "ce_row_weight" in blk else ce.sum()
             if kd is not None:
-                kd_sum += kd.sum()
+                kd_sum += _term(kd, blk["kd_row_weight"]) if "kd_row_weight" in blk else kd.sum()
             if want:
                 torch.mm(g, wf, out=gh[s:e])
                 gw.addmm_(g.t(), hf[s:e])
@@ -170,31 +194,77 @@ class _FusedHeadLoss(torch.autograd.Function):
         return out[0], out[1], out[2], None
 
 
+def _row_weight(name: str, w: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    if w is not None and (tuple(w.shape) != (n,) or not w.dtype.is_floating_point):
+        raise ValueError(f"{name} must be a float tensor [N={n}], got {w.dtype} {tuple(w.shape)}")
+    return None if w is None else w.detach()
+
+
+def _kd_source(spec: dict, rows: dict, n: int, v: int, kind: str, temperature: float, standardize: bool,
+               topk_ids, topk_logprobs, teacher_logit_std, teacher_hidden, teacher_head_weight,
+               teacher_head_bias) -> None:
+    """Checks the one KD source given and puts its tensors in ``spec`` (whole) and ``rows`` (cut by block)."""
+    if teacher_hidden is not None and topk_ids is not None:
+        raise ValueError("KD reads one teacher source (teacher_hidden + head: exact; topk_ids + topk_logprobs), "
+                         "got both")
+    if teacher_hidden is not None:
+        if teacher_head_weight is None or teacher_head_weight.shape[0] != v:
+            raise ValueError(f"exact KD needs teacher_head_weight [V={v}, Ht]")
+        if teacher_hidden.shape[0] != n or teacher_hidden.shape[1] != teacher_head_weight.shape[1]:
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must be [N={n}, Ht]")
+        spec["teacher_hidden"] = teacher_hidden.detach()
+        spec["teacher_weight"] = teacher_head_weight.detach()
+        spec["teacher_bias"] = None if teacher_head_bias is None else teacher_head_bias.detach()
+    else:
+        _check_bucket_kind(kind)
+        if topk_ids is None or topk_logprobs is None or topk_ids.dim() != 2 or topk_ids.shape[0] != n \
+                or tuple(topk_logprobs.shape) != tuple(topk_ids.shape) or topk_ids.shape[1] > v:
+            raise ValueError(f"top-k KD needs topk_ids and topk_logprobs [N={n}, k<=V]")
+        if standardize and (teacher_logit_std is None or teacher_logit_std.numel() != n):
+            raise ValueError("standardize=True on the top-k path needs teacher_logit_std [N]")
+        rows["topk_ids"], rows["topk_logprobs"] = topk_ids, topk_logprobs
+        oob = _out_of_range(topk_ids, v)  # teacher head rows the student lacks: their mass goes to the tail
+        if oob is not None:
+            rows["topk_oob"] = oob
+        if teacher_logit_std is not None:
+            rows["teacher_logit_std"] = teacher_logit_std.reshape(n)
+
+
 def fused_head_loss(student_hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor] = None,
                     *, targets: Optional[torch.Tensor] = None, ce_weight: float = 1.0, kd_weight: float = 1.0,
+                    ce_row_weight: Optional[torch.Tensor] = None, kd_row_weight: Optional[torch.Tensor] = None,
                     topk_ids: Optional[torch.Tensor] = None, topk_logprobs: Optional[torch.Tensor] = None,
                     teacher_logit_std: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
                     teacher_head_weight: Optional[torch.Tensor] = None,
                     teacher_head_bias: Optional[torch.Tensor] = None, kind: str = "fkl", beta: float = 0.5,
                     temperature: float = 1.0, standardize: bool = False, block_rows: int = 512):
-    """The student's LM head, cross-entropy and KD in one pass: ``(total, ce_sum, kd_sum)``.
+    """The student's LM head, cross-entropy and KD in one pass: ``(total, ce, kd)``, scalars.
 
     ``student_hidden [N, Hs]`` at answer positions, ``head_weight [V, Hs]`` (+ ``head_bias [V]``).
-    ``total = ce_weight * ce_sum + kd_weight * kd_sum`` is differentiable with respect to the
-    hidden states, head weight and bias; ``ce_sum`` (cross-entropy against ``targets [N]``, summed)
-    and ``kd_sum`` (summed per-row divergence) are detached, for logging. KD is top-k + tail
-    (``topk_ids``/``topk_logprobs``, as ``topk_kd_loss``) or exact full-vocabulary
-    (``teacher_hidden [N, Ht]`` + ``teacher_head_weight [V, Ht]``, as ``chunked_exact_kd_loss``);
-    ``kd_weight=0`` gives CE only. Values and gradients equal ``F.cross_entropy(reduction="sum")``
-    plus the matching reference loss with ``reduction="sum"``.
+    ``ce = sum_i ce_row_weight_i * CE_i`` (cross-entropy against ``targets [N]`` int) and
+    ``kd = sum_i kd_row_weight_i * KD_i`` (the per-row divergence), a row weight ``[N]`` float being 1 where
+    the argument is None (the plain sums); ``total = ce_weight * ce + kd_weight * kd`` is differentiable with
+    respect to the hidden states, head weight and bias, ``ce`` and ``kd`` are detached, for logging. The row
+    weights are how a caller makes its reduction (``1 / N`` for the token mean; ``1 / (S n_s)`` at a row of
+    sample ``s`` of ``n_s`` rows for the study's per-sample mean; global counts under DDP) and puts CE and
+    KD on different rows: a row weight of 0 leaves the row out of that term (a CE row of weight 0 may hold
+    any target, e.g. -100; every row's KD inputs must still be finite).
 
-    Work runs ``block_rows`` rows at a time, in float32 (float64 if any floating input is float64,
-    and the losses come back in that dtype): each block's ``[block_rows, V]`` logits
+    KD reads one teacher source: top-k + tail (``topk_ids``/``topk_logprobs``, as ``topk_kd_loss``) or
+    exact full-vocabulary (``teacher_hidden [N, Ht]`` + ``teacher_head_weight [V, Ht]``, as
+    ``chunked_exact_kd_loss``). ``kd_weight=0`` gives CE only. Values and gradients equal ``F.cross_entropy(reduction="none")`` and the matching reference loss
+    with ``reduction="none"``, weighted and summed as above.
+
+    Work runs ``block_rows`` rows at a time, in float32 (float64 if any floating input but the row weights is
+    float64, and the losses come back in that dtype): each block's ``[block_rows, V]`` logits
     give their losses and logit gradient at once (closed form for forward KL without
-    standardization; autograd on the block otherwise) and are folded into ``dL/dh`` and
-    ``dL/dW`` straight away. So the student's logits are computed once (not once for CE and again
-    for KD, nor recomputed in backward as a checkpoint would) and peak extra memory is a few
+    standardization, the row weights as ``[n, 1]`` columns; autograd on the block otherwise) and are folded
+    into ``dL/dh`` and ``dL/dW`` straight away. So the student's logits are computed once (not once for CE
+    and again for KD, nor recomputed in backward as a checkpoint would) and peak extra memory is a few
     ``block_rows x V`` buffers plus the stored ``[V, Hs]`` head gradient.
+
+    Raises ``ValueError`` on a bad ``kind``/``beta``/``temperature``, mismatched shapes, a missing or second
+    KD source, or ``"mse"`` on the top-k path.
     """
     _check_kd_args(kind, beta, temperature, "sum")
     if student_hidden.dim() != 2 or head_weight.dim() != 2 or student_hidden.shape[1] != head_weight.shape[1]:
@@ -204,37 +274,24 @@ def fused_head_loss(student_hidden: torch.Tensor, head_weight: torch.Tensor, hea
         raise ValueError(f"block_rows must be >= 1, got {block_rows!r}")
     n, v = student_hidden.shape[0], head_weight.shape[0]
     ce_w, kd_w = float(ce_weight), float(kd_weight)
+    ce_rw, kd_rw = _row_weight("ce_row_weight", ce_row_weight, n), _row_weight("kd_row_weight", kd_row_weight, n)
     rows = {}
     if ce_w != 0.0:
         if targets is None or tuple(targets.shape) != (n,):
             raise ValueError(f"ce_weight != 0 needs targets [N={n}]")
-        rows["targets"] = targets.long()
+        # a row out of the CE term may hold any target (-100...): a valid id there keeps gather in range
+        rows["targets"] = targets.long() if ce_rw is None else torch.where(ce_rw != 0, targets.long(), 0)
     spec = {"ce_w": ce_w, "kd_w": kd_w, "block": int(block_rows), "rows": rows,
             "kw": dict(kind=kind, beta=float(beta), temperature=float(temperature), standardize=bool(standardize))}
     if kd_w != 0.0:
-        if teacher_hidden is not None:
-            if teacher_head_weight is None or teacher_head_weight.shape[0] != v:
-                raise ValueError(f"exact KD needs teacher_head_weight [V={v}, Ht]")
-            if teacher_hidden.shape[0] != n or teacher_hidden.shape[1] != teacher_head_weight.shape[1]:
-                raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must be [N={n}, Ht]")
-            spec["teacher_hidden"] = teacher_hidden.detach()
-            spec["teacher_weight"] = teacher_head_weight.detach()
-            spec["teacher_bias"] = None if teacher_head_bias is None else teacher_head_bias.detach()
-        else:
-            _check_bucket_kind(kind)
-            if topk_ids is None or topk_logprobs is None or topk_ids.dim() != 2 or topk_ids.shape[0] != n \
-                    or tuple(topk_logprobs.shape) != tuple(topk_ids.shape) or topk_ids.shape[1] > v:
-                raise ValueError(f"top-k KD needs topk_ids and topk_logprobs [N={n}, k<=V]")
-            if standardize and (teacher_logit_std is None or teacher_logit_std.numel() != n):
-                raise ValueError("standardize=True on the top-k path needs teacher_logit_std [N]")
-            rows["topk_ids"], rows["topk_logprobs"] = topk_ids, topk_logprobs
-            oob = _out_of_range(topk_ids, v)  # teacher head rows the student lacks: their mass goes to the tail
-            if oob is not None:
-                rows["topk_oob"] = oob
-            if teacher_logit_std is not None:
-                rows["teacher_logit_std"] = teacher_logit_std.reshape(n)
-    spec["dtype"] = _compute_dtype(student_hidden, head_weight, head_bias, *(
+        _kd_source(spec, rows, n, v, kind, temperature, standardize, topk_ids, topk_logprobs, teacher_logit_std,
+                   teacher_hidden, teacher_head_weight, teacher_head_bias)
+    cd = spec["dtype"] = _compute_dtype(student_hidden, head_weight, head_bias, *(
         spec.get(key) for key in ("teacher_hidden", "teacher_weight", "teacher_bias")), rows.get("topk_logprobs"))
+    if ce_rw is not None and ce_w != 0.0:
+        rows["ce_row_weight"] = ce_rw.to(cd)
+    if kd_rw is not None and kd_w != 0.0:
+        rows["kd_row_weight"] = kd_rw.to(cd)
     spec["want_grad"] = torch.is_grad_enabled() and (student_hidden.requires_grad or head_weight.requires_grad
                                                      or (head_bias is not None and head_bias.requires_grad))
     return _FusedHeadLoss.apply(student_hidden, head_weight, head_bias, spec)

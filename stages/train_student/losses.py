@@ -5,7 +5,8 @@ names of
   temperature, standardization, reduction), the per-row divergences, the teacher's top-k + tail buckets;
 * ``kd.py`` -- the reference KD losses: ``topk_kd_loss``, ``dense_kd_loss``, ``chunked_exact_kd_loss``;
   and ``teacher_argmax`` (the exact path's CE target on the teacher's argmax);
-* ``fused.py`` -- ``fused_head_loss``: the student's head, CE and KD in one blockwise pass;
+* ``fused.py`` -- ``fused_head_loss``: the student's head, CE and KD in one blockwise pass, with per-row
+  weights for each term;
 * ``features.py`` -- ``FeatureProjector``, ``feature_loss``, ``affinity_loss``.
 
 Every function takes **answer positions only** (``affinity_loss`` also a sample's image positions),
@@ -25,6 +26,8 @@ argument                    shape                dtype
 ``student_head_weight``     ``[V, Hs]``          any float (the student's ``lm_head.weight``)
 ``teacher_hidden``          ``[N, Ht]``          any float (the cache's ``hidden``)
 ``teacher_head_weight``     ``[V, Ht]``          any float (``teacher_head.safetensors``)
+``ce_row_weight``           ``[N]``              any float (None: 1 per row)
+``kd_row_weight``           ``[N]``              any float (None: 1 per row)
 ==========================  ===================  ==========================================
 """
 from __future__ import annotations
