@@ -1,12 +1,13 @@
 """Loss mathematics of issue #21's terms against float64 references written here: total variation and
-logit MSE (dense, exact, top-k buckets, fused), the fused head's per-row weights, the teacher's argmax,
-the identity projector and the image x answer affinity loss.
+logit MSE (dense, exact, top-k buckets, fused), the fused head's per-row weights, sampled (RS-KD) KD,
+the teacher's argmax, the identity projector and the image x answer affinity loss.
 
 Every expected value and gradient comes from torch.float64 autograd on a plain formula in this file
-(softmax, bucket coarsening, z-scores), never from a helper of the modules under test.
+(softmax, bucket coarsening, z-scores, counting draws), never from a helper of the modules under test.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from llavadi.stages.train_student.losses import (KD_KINDS, FeatureProjector, affinity_loss, chunked_exact_kd_loss,
-                                                 dense_kd_loss, fused_head_loss, teacher_argmax, topk_kd_loss)
+                                                 dense_kd_loss, fused_head_loss, sampled_kd_loss, teacher_argmax,
+                                                 topk_kd_loss)
 
 # the documented constants, restated (not imported): the references must not share code with the module
 TAIL_EPS = 1e-8  # added to both tail buckets after tempering, then renormalised
@@ -253,6 +255,90 @@ def test_fused_row_weights_of_one_are_the_unweighted_loss():
     with pytest.raises(ValueError, match="one teacher source"):
         fused_head_loss(x["h"], x["w"], targets=x["targets"], topk_ids=x["ids"], topk_logprobs=x["top_lp"],
                         teacher_hidden=x["th"], teacher_head_weight=x["wt"])
+
+
+# ---------------------------------------------------------------------------- sampled (RS-KD)
+def draws(n, v, s, seed):
+    """Draws with many repeats (a peaked proposal), unsorted, plus random positive self-normalised weights."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * 3, -1)
+    ids = torch.multinomial(probs, s, replacement=True, generator=g)
+    w = torch.rand(n, s, generator=g, dtype=torch.float64) + 0.1
+    return ids, w / w.sum(-1, keepdim=True)
+
+
+def p_hat_ref(ids, w, v):
+    """The sparse estimate as a dense [N, V] float64 array, by counting draws one by one (ids >= v left out)."""
+    out = torch.zeros(ids.shape[0], v, dtype=torch.float64)
+    for (i, j), tok in zip(itertools.product(*map(range, ids.shape)), ids.flatten().tolist()):
+        if tok < v:
+            out[i, tok] += float(w[i, j])
+    return out
+
+
+def sampled_ref(z, p_hat):
+    """sum_x p_hat (log p_hat - log q) per row, 0 log 0 = 0."""
+    lq = torch.log_softmax(z, -1)
+    lp = torch.where(p_hat > 0, p_hat.log(), torch.zeros_like(p_hat))
+    return (p_hat * (lp - torch.where(p_hat > 0, lq, torch.zeros_like(lq)))).sum(-1)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sampled_kd_value_and_gradient_is_q_minus_p_hat(weighted):
+    x = problem()
+    n, v = x["h"].shape[0], x["w"].shape[0]
+    ids, w = draws(n, v, 12, seed=5)
+    assert any(len(set(r.tolist())) < ids.shape[1] for r in ids)  # the draws do repeat
+    ids[0, 3] = v + 2  # a padded teacher head's row: left out
+    sw = w if weighted else None
+    p_hat = p_hat_ref(ids, w if weighted else torch.full(ids.shape, 1 / 12, dtype=torch.float64), v)
+    zs = x["h"] @ x["w"].T
+    check_logits(lambda z: sampled_kd_loss(z, ids, sw, reduction="none"), lambda z: sampled_ref(z, p_hat), zs)
+    # the gradient in the logits: (sum of the kept weights) q - p_hat, = q - p_hat where nothing is left out
+    z = zs.clone().requires_grad_()
+    g = grads_of(sampled_kd_loss(z, ids, sw, reduction="sum"), z)[0]
+    torch.testing.assert_close(g, p_hat.sum(-1, keepdim=True) * torch.softmax(zs, -1) - p_hat, **F64)
+    assert torch.allclose(p_hat[1:].sum(-1), torch.ones(n - 1, dtype=torch.float64))
+    # sorted draws (as the cache stores them) give the same loss: order does not matter
+    order = ids.sort(-1).indices
+    torch.testing.assert_close(sampled_kd_loss(zs, ids.gather(-1, order), None if sw is None else sw.gather(-1, order)),
+                               sampled_kd_loss(zs, ids, sw), **F64)
+    ids = x["targets"][:, None].repeat(1, 8)  # one token drawn s times: p_hat = onehot(target), KL = CE
+    torch.testing.assert_close(sampled_kd_loss(zs, ids), F.cross_entropy(zs, x["targets"]), **F64)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sampled_fused_value_and_gradient(weighted):
+    x = problem()
+    n, v = x["h"].shape[0], x["w"].shape[0]
+    ids, w = draws(n, v, 10, seed=7)
+    ids[2, 4] = v  # a padded teacher head's row: left out, so that row's kept weights sum to < 1
+    sw = w if weighted else None
+    p_hat = p_hat_ref(ids, w if weighted else torch.full(ids.shape, 0.1, dtype=torch.float64), v)
+    ce_rw, kd_rw = weight_sets(n)
+    for rw in ({}, dict(ce_row_weight=ce_rw, kd_row_weight=kd_rw)):
+        cw, kw = (rw["ce_row_weight"], rw["kd_row_weight"]) if rw else (1.0, 1.0)
+
+        def ref(h, w, b):
+            z = F.linear(h, w, b)
+            ce, kd = (cw * F.cross_entropy(z, x["targets"], reduction="none")).sum(), (kw * sampled_ref(z, p_hat)).sum()
+            return 0.4 * ce + 1.6 * kd, ce, kd
+
+        check_head(x, lambda h, w, b: fused_head_loss(h, w, b, targets=x["targets"], ce_weight=0.4, kd_weight=1.6,
+                                                      sampled_ids=ids, sample_weights=sw, block_rows=4, **rw), ref)
+
+
+def test_sampled_rules():
+    x = problem()
+    zs = x["h"] @ x["w"].T
+    ids, _ = draws(x["h"].shape[0], x["w"].shape[0], 4, seed=1)
+    for kw in (dict(kind="rkl"), dict(temperature=2.0), dict(standardize=True)):
+        with pytest.raises(ValueError, match="sampled KD"):
+            sampled_kd_loss(zs, ids, **kw)
+        with pytest.raises(ValueError, match="sampled KD"):
+            fused_head_loss(x["h"], x["w"], targets=x["targets"], sampled_ids=ids, **kw)
+    with pytest.raises(ValueError, match="sample_weights"):
+        sampled_kd_loss(zs, ids, torch.ones(ids.shape[0], 3))
 
 
 # ------------------------------------------------------------------------------ teacher argmax

@@ -250,3 +250,46 @@ def _put_(x: torch.Tensor, ids: torch.Tensor, oob: Optional[torch.Tensor], vals:
 def _drop_teacher(topk_logprobs: torch.Tensor, oob: Optional[torch.Tensor]) -> torch.Tensor:
     """The teacher's log-probs with out-of-range entries at ``-inf``: their mass goes to its tail bucket."""
     return topk_logprobs if oob is None else topk_logprobs.masked_fill(oob, float("-inf"))
+
+
+# ------------------------------------------------------------------- sampled teacher (RS-KD)
+# Random-sampling KD (Anshumann et al., "Sparse Logit Sampling", ACL 2025): the cache keeps s draws per
+# row and the teacher is estimated by the sparse p_hat = sum_j w_j onehot(x_j). Only forward KL reads a
+# sample correctly: KL(p || q) = E_p[log p - log q] is an expectation under the teacher, and its logit
+# gradient q - p is linear in p, so q - p_hat is unbiased for it. Reverse KL, JSD, TVD and MSE need p (or
+# its logits) at tokens the sample does not hold; tempering or standardizing the teacher needs its logits.
+def _check_sampled_args(kind: str, temperature: float, standardize: bool) -> None:
+    if kind != "fkl":
+        raise ValueError(f"sampled KD takes kind='fkl' only, got {kind!r}: a sample estimates expectations under "
+                         f"the teacher (forward KL), not the teacher's probability at the student's tokens")
+    if float(temperature) != 1.0:
+        raise ValueError(f"sampled KD needs temperature=1, got {temperature!r}: the teacher's tempered "
+                         f"distribution is not recoverable from draws (the cache holds no logits)")
+    if standardize:
+        raise ValueError("sampled KD cannot standardize: the teacher's logit z-scores are not recoverable from "
+                         "draws (the cache holds no logits)")
+
+
+def _sampled_estimate(sampled_ids: torch.Tensor, sample_weights: Optional[torch.Tensor], v: int,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sparse teacher estimate of ``sampled_ids [n, s]`` (int; any order, repeats allowed) with
+    ``sample_weights [n, s]`` (None: ``1 / s`` per draw) -> ``(ids [n, s] int64, w [n, s], log_p_hat [n, s])``
+    in ``dtype``, draws sorted per row: ``p_hat(x) = sum of w over the draws of x`` (a token drawn c times of
+    s gets c / s), ``log_p_hat`` at each draw (0 where ``w == 0``, so ``w * log_p_hat`` is 0 there). A draw
+    ``>= v`` (a padded teacher head's row, which the student has no logit for: no finite KL exists there)
+    gets weight 0 and id 0. Then ``sum_x p_hat(x) f(x) = sum_j w_j f(x_j)`` for any ``f``: the losses run
+    over draws, never over ``[n, V]``."""
+    ids = sampled_ids.long()
+    w = (torch.full(ids.shape, 1.0 / max(1, ids.shape[-1]), dtype=dtype, device=ids.device)
+         if sample_weights is None else sample_weights.detach().to(dtype))
+    oob = ids >= v
+    ids, w = ids.masked_fill(oob, 0), w.masked_fill(oob, 0.0)
+    ids, order = ids.sort(dim=-1, stable=True)
+    w = w.gather(-1, order)
+    # runs of equal ids: the run index of each draw, the weight sum of each run, read back at every draw
+    new_run = torch.ones_like(ids, dtype=torch.bool)
+    new_run[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    run = new_run.long().cumsum(dim=-1) - 1
+    p_hat = torch.zeros_like(w).scatter_add_(-1, run, w).gather(-1, run)
+    log_p_hat = torch.where(w > 0, p_hat.clamp(min=torch.finfo(dtype).tiny).log(), torch.zeros_like(w))
+    return ids, w, log_p_hat

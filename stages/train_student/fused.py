@@ -7,8 +7,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .divergences import (TAIL_EPS, _check_bucket_kind, _check_kd_args, _compute_dtype, _dense_rows, _drop_teacher,
-                          _gather, _kl_rows, _out_of_range, _put_, _teacher_topk_buckets)
+from .divergences import (TAIL_EPS, _check_bucket_kind, _check_kd_args, _check_sampled_args, _compute_dtype,
+                          _dense_rows, _drop_teacher, _gather, _kl_rows, _out_of_range, _put_, _sampled_estimate,
+                          _teacher_topk_buckets)
 from .kd import topk_kd_loss
 
 
@@ -48,12 +49,13 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
     Forward KL (any ``T``, no standardization) uses closed forms; the other divergences differentiate
     the reference functions with autograd on this block only, in ``z``'s dtype. ``blk`` holds the block's
     ``targets``, ``ce_row_weight``/``kd_row_weight``, and ``topk_ids``/``topk_logprobs``/``teacher_logit_std``
-    (top-k) or ``teacher_logits`` (exact), whichever apply.
+    (top-k), ``teacher_logits`` (exact) or ``sampled_ids``/``sample_w``/``sampled_log_p_hat`` (sampled), whichever
+    apply.
     """
     t = float(kw["temperature"])
     kind, beta, standardize = kw["kind"], float(kw["beta"]), bool(kw["standardize"])
     use_ce, use_kd = ce_w != 0.0 and blk.get("targets") is not None, kd_w != 0.0
-    exact = "teacher_logits" in blk
+    exact, sampled = "teacher_logits" in blk, "sampled_ids" in blk
     ce_c, kd_c = _coef(ce_w, blk.get("ce_row_weight")), _coef(kd_w, blk.get("kd_row_weight"))
     if use_kd and not _analytic(kind, beta, standardize):
         with torch.enable_grad():
@@ -78,6 +80,16 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
         if want_grad:
             _sub_target_(q.mul_(ce_c), blk["targets"], ce_c, lse)
         return ce, None, (q if want_grad else None)
+    if sampled:  # T = 1 (_check_sampled_args): sum_j w_j (log p_hat(x_j) - log q(x_j)), see kd.sampled_kd_loss
+        ids, w = blk["sampled_ids"], blk["sample_w"]
+        kd = (w * (blk["sampled_log_p_hat"] - (z.gather(-1, ids) - lse))).sum(dim=-1)
+        if not want_grad:
+            return ce, kd, None
+        # dL/dz = kd_c ((sum_j w_j) q - p_hat) + ce_c (q - onehot(target)): q's share in one in-place pass,
+        # then p_hat as the draws' weights added at their ids (scatter_add_ sums a token's repeated draws)
+        g = q.mul_(kd_c * w.sum(dim=-1, keepdim=True) + (ce_c if use_ce else 0.0))
+        g.scatter_add_(-1, ids, -(kd_c * w))
+        return ce, kd, (_sub_target_(g, blk["targets"], ce_c, lse) if use_ce else g)
     if t == 1.0:
         qt, lse_t, zt_s = q, lse, z
     else:
@@ -201,12 +213,14 @@ def _row_weight(name: str, w: Optional[torch.Tensor], n: int) -> Optional[torch.
 
 
 def _kd_source(spec: dict, rows: dict, n: int, v: int, kind: str, temperature: float, standardize: bool,
-               topk_ids, topk_logprobs, teacher_logit_std, teacher_hidden, teacher_head_weight,
-               teacher_head_bias) -> None:
+               topk_ids, topk_logprobs, teacher_logit_std, teacher_hidden, teacher_head_weight, teacher_head_bias,
+               sampled_ids, sample_weights) -> None:
     """Checks the one KD source given and puts its tensors in ``spec`` (whole) and ``rows`` (cut by block)."""
-    if teacher_hidden is not None and topk_ids is not None:
-        raise ValueError("KD reads one teacher source (teacher_hidden + head: exact; topk_ids + topk_logprobs), "
-                         "got both")
+    given = [name for name, x in (("teacher_hidden", teacher_hidden), ("topk_ids", topk_ids),
+                                  ("sampled_ids", sampled_ids)) if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"KD reads one teacher source (teacher_hidden + head: exact; topk_ids + topk_logprobs; "
+                         f"sampled_ids), got {given}")
     if teacher_hidden is not None:
         if teacher_head_weight is None or teacher_head_weight.shape[0] != v:
             raise ValueError(f"exact KD needs teacher_head_weight [V={v}, Ht]")
@@ -215,6 +229,13 @@ def _kd_source(spec: dict, rows: dict, n: int, v: int, kind: str, temperature: f
         spec["teacher_hidden"] = teacher_hidden.detach()
         spec["teacher_weight"] = teacher_head_weight.detach()
         spec["teacher_bias"] = None if teacher_head_bias is None else teacher_head_bias.detach()
+    elif sampled_ids is not None:
+        _check_sampled_args(kind, temperature, standardize)
+        if sampled_ids.dim() != 2 or sampled_ids.shape[0] != n or (
+                sample_weights is not None and tuple(sample_weights.shape) != tuple(sampled_ids.shape)):
+            raise ValueError(f"sampled KD needs sampled_ids [N={n}, s] (and sample_weights of that shape), got "
+                             f"{tuple(sampled_ids.shape)}")
+        rows["sampled_ids"], rows["sample_w"] = sampled_ids, sample_weights  # estimated once the dtype is known
     else:
         _check_bucket_kind(kind)
         if topk_ids is None or topk_logprobs is None or topk_ids.dim() != 2 or topk_ids.shape[0] != n \
@@ -236,7 +257,8 @@ def fused_head_loss(student_hidden: torch.Tensor, head_weight: torch.Tensor, hea
                     topk_ids: Optional[torch.Tensor] = None, topk_logprobs: Optional[torch.Tensor] = None,
                     teacher_logit_std: Optional[torch.Tensor] = None, teacher_hidden: Optional[torch.Tensor] = None,
                     teacher_head_weight: Optional[torch.Tensor] = None,
-                    teacher_head_bias: Optional[torch.Tensor] = None, kind: str = "fkl", beta: float = 0.5,
+                    teacher_head_bias: Optional[torch.Tensor] = None, sampled_ids: Optional[torch.Tensor] = None,
+                    sample_weights: Optional[torch.Tensor] = None, kind: str = "fkl", beta: float = 0.5,
                     temperature: float = 1.0, standardize: bool = False, block_rows: int = 512):
     """The student's LM head, cross-entropy and KD in one pass: ``(total, ce, kd)``, scalars.
 
@@ -250,9 +272,11 @@ def fused_head_loss(student_hidden: torch.Tensor, head_weight: torch.Tensor, hea
     KD on different rows: a row weight of 0 leaves the row out of that term (a CE row of weight 0 may hold
     any target, e.g. -100; every row's KD inputs must still be finite).
 
-    KD reads one teacher source: top-k + tail (``topk_ids``/``topk_logprobs``, as ``topk_kd_loss``) or
+    KD reads one teacher source: top-k + tail (``topk_ids``/``topk_logprobs``, as ``topk_kd_loss``),
     exact full-vocabulary (``teacher_hidden [N, Ht]`` + ``teacher_head_weight [V, Ht]``, as
-    ``chunked_exact_kd_loss``). ``kd_weight=0`` gives CE only. Values and gradients equal ``F.cross_entropy(reduction="none")`` and the matching reference loss
+    ``chunked_exact_kd_loss``) or sampled (``sampled_ids [N, s]`` + ``sample_weights [N, s]`` or None, as
+    ``sampled_kd_loss``: ``kind="fkl"``, ``temperature=1``, no standardization). ``kd_weight=0`` gives CE
+    only. Values and gradients equal ``F.cross_entropy(reduction="none")`` and the matching reference loss
     with ``reduction="none"``, weighted and summed as above.
 
     Work runs ``block_rows`` rows at a time, in float32 (float64 if any floating input but the row weights is
@@ -264,7 +288,7 @@ def fused_head_loss(student_hidden: torch.Tensor, head_weight: torch.Tensor, hea
     ``block_rows x V`` buffers plus the stored ``[V, Hs]`` head gradient.
 
     Raises ``ValueError`` on a bad ``kind``/``beta``/``temperature``, mismatched shapes, a missing or second
-    KD source, or ``"mse"`` on the top-k path.
+    KD source, ``"mse"`` on the top-k path, or the sampled source's rules (``sampled_kd_loss``).
     """
     _check_kd_args(kind, beta, temperature, "sum")
     if student_hidden.dim() != 2 or head_weight.dim() != 2 or student_hidden.shape[1] != head_weight.shape[1]:
@@ -285,9 +309,13 @@ def fused_head_loss(student_hidden: torch.Tensor, head_weight: torch.Tensor, hea
             "kw": dict(kind=kind, beta=float(beta), temperature=float(temperature), standardize=bool(standardize))}
     if kd_w != 0.0:
         _kd_source(spec, rows, n, v, kind, temperature, standardize, topk_ids, topk_logprobs, teacher_logit_std,
-                   teacher_hidden, teacher_head_weight, teacher_head_bias)
+                   teacher_hidden, teacher_head_weight, teacher_head_bias, sampled_ids, sample_weights)
     cd = spec["dtype"] = _compute_dtype(student_hidden, head_weight, head_bias, *(
-        spec.get(key) for key in ("teacher_hidden", "teacher_weight", "teacher_bias")), rows.get("topk_logprobs"))
+        spec.get(key) for key in ("teacher_hidden", "teacher_weight", "teacher_bias")), rows.get("topk_logprobs"),
+        rows.get("sample_w"))
+    if "sampled_ids" in rows:
+        rows["sampled_ids"], rows["sample_w"], rows["sampled_log_p_hat"] = _sampled_estimate(
+            rows["sampled_ids"], rows["sample_w"], v, cd)
     if ce_rw is not None and ce_w != 0.0:
         rows["ce_row_weight"] = ce_rw.to(cd)
     if kd_rw is not None and kd_w != 0.0:

@@ -1,5 +1,5 @@
 """The KD reference losses on materialised or chunked logits (conventions: ``divergences.py``; shapes:
-``losses.py``), and the teacher's argmax from the exact path's cache.
+``losses.py``), the teacher's argmax from the exact path's cache, and the sampled (RS-KD) reference.
 
 Top-k + tail bucket (``topk_kd_loss``)
 --------------------------------------
@@ -60,9 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .divergences import (TAIL_EPS, _check_bucket_kind, _check_kd_args, _compute_dtype, _dense_rows,
-                          _divergence_rows, _drop_teacher, _gather, _no_autocast, _out_of_range, _reduce,
-                          _standardize, _teacher_topk_buckets)
+from .divergences import (TAIL_EPS, _check_bucket_kind, _check_kd_args, _check_sampled_args, _compute_dtype,
+                          _dense_rows, _divergence_rows, _drop_teacher, _gather, _no_autocast, _out_of_range, _reduce,
+                          _sampled_estimate, _standardize, _teacher_topk_buckets)
 
 
 # ------------------------------------------------------------------------------ top-k + tail
@@ -249,3 +249,37 @@ def teacher_argmax(teacher_hidden: torch.Tensor, teacher_head_weight: torch.Tens
         for start in range(0, n, block):
             out[start:start + block] = F.linear(th[start:start + block].to(dt), w, b).argmax(dim=-1)
     return out
+
+
+# ---------------------------------------------------------------------------- sampled (RS-KD)
+def sampled_kd_loss(student_logits: torch.Tensor, sampled_ids: torch.Tensor,
+                    sample_weights: Optional[torch.Tensor] = None, *, kind: str = "fkl", temperature: float = 1.0,
+                    standardize: bool = False, reduction: str = "mean") -> torch.Tensor:
+    """Forward KL from the teacher's sparse sampled estimate to the student (random-sampling KD, Anshumann
+    et al., "Sparse Logit Sampling", ACL 2025): the reference of the fused head's sampled source.
+
+    ``student_logits [N, V]`` (any float), ``sampled_ids [N, s]`` int (the cache's draws: with repetition,
+    any order), ``sample_weights [N, s]`` float >= 0 or None (``1 / s`` per draw; with a proposal temperature
+    != 1 the trainer passes self-normalised importance weights). The teacher estimate is
+    ``p_hat = sum_j w_j onehot(x_j)`` (a token drawn c times of s gets ``c / s``) and the loss per row is
+    ``sum_x p_hat(x) (log p_hat(x) - log q(x))`` = ``KL(p_hat || q)`` when the weights sum to 1; its logit
+    gradient is ``(sum_j w_j) q - p_hat`` = ``q - p_hat``, unbiased for full forward KD's ``q - p``. A draw
+    ``>= V`` (a padded teacher head's row, no student logit) is left out (weight 0). Float32 (float64 if
+    ``student_logits`` or ``sample_weights`` is); a scalar (``"mean"``/``"sum"``) or ``[N]`` (``"none"``).
+
+    Raises ``ValueError`` unless ``kind == "fkl"``, ``temperature == 1`` and ``standardize`` is False (the
+    teacher's tempered / standardized distribution is not recoverable from draws), or on mismatched shapes.
+    """
+    _check_kd_args(kind, 0.0, temperature, reduction)
+    _check_sampled_args(kind, temperature, standardize)
+    if student_logits.dim() != 2 or sampled_ids.dim() != 2 or sampled_ids.shape[0] != student_logits.shape[0]:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} must be [N, V] and sampled_ids "
+                         f"{tuple(sampled_ids.shape)} [N, s]")
+    if sample_weights is not None and tuple(sample_weights.shape) != tuple(sampled_ids.shape):
+        raise ValueError(f"sample_weights {tuple(sample_weights.shape)} must be [N, s] as sampled_ids "
+                         f"{tuple(sampled_ids.shape)}")
+    with _no_autocast(student_logits.device):
+        dt = _compute_dtype(student_logits, sample_weights)
+        ids, w, log_p_hat = _sampled_estimate(sampled_ids, sample_weights, student_logits.shape[1], dt)
+        log_q = F.log_softmax(student_logits.to(dt), dim=-1).gather(-1, ids)
+        return _reduce((w * (log_p_hat - log_q)).sum(dim=-1), reduction)
