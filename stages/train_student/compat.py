@@ -11,7 +11,7 @@ ids of the tokenizer) and the teacher's top-k ids (rows of the teacher's head, `
   naming both sizes — an answer token the student has no logit for cannot be trained on;
 - top-k path (``kd.exact=false``): a teacher head with more rows than the student's is accepted; a
   cached top-k id the student lacks is no bucket, its teacher mass joins the tail bucket
-  (``losses._out_of_range``: the divergence stays exact between the two distributions coarsened to
+  (``divergences._out_of_range``: the divergence stays exact between the two distributions coarsened to
   {each in-range top-k id, everything else});
 - exact path (``kd.exact=true``): the student's head ``[V, Hs]`` and ``teacher_head.safetensors``'s
   ``[V', Ht]`` must have ``V == V'`` (the full distributions are compared id by id): else refused,
