@@ -69,6 +69,15 @@ def row_weights(sample: torch.Tensor, mask: torch.Tensor, n: float, s: float, re
     return m / (per[sample].clamp(min=1.0) * max(s, 1.0))
 
 
+def sample_weights(s: dict, t: float) -> Optional[torch.Tensor]:
+    """RS-KD's self-normalised importance weights of the cached draws (Anshumann et al., ACL 2025): drawn from
+    ``q ∝ p^(1/t)``, a draw x weighs ``p(x)/q(x) ∝ p(x)^(1 - 1/t)``, normalised per row; None (each draw 1/s) when
+    the proposal was the teacher itself (``t = 1``)."""
+    if t == 1.0:
+        return None
+    return torch.softmax((1.0 - 1.0 / t) * s["sampled_logprobs"].double(), dim=-1).to(torch.float32)
+
+
 class Objective(torch.nn.Module):
     """``student`` (a transformers image-text-to-text model), one ``FeatureProjector`` per feature term
     (``projector``: a ModuleDict; trained, checkpointed for resume, never saved with the student), the terms,
@@ -134,7 +143,7 @@ class Objective(torch.nn.Module):
                 teacher = dict(teacher_hidden=s["hidden"], teacher_head_weight=self.head_t["weight"],
                                teacher_head_bias=self.head_t.get("bias"))
             elif p["source"] == "sampled":
-                teacher = dict(sampled_ids=s["sampled_ids"], sample_weights=s.get("sample_weights"))
+                teacher = dict(sampled_ids=s["sampled_ids"], sample_weights=sample_weights(s, p["sample_temperature"]))
             else:
                 teacher = dict(topk_ids=s["topk_ids"], topk_logprobs=s["topk_logprobs"],
                                teacher_logit_std=s["logit_stats"][:, 1] if "logit_stats" in s else None)

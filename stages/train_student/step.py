@@ -45,8 +45,7 @@ def run_step(ddp, micro_batches: list, terms: list, opt, sched, params, c, state
         for k, v in values.items():
             sums[k] += float(v)
     ids = [i for mb in g.run for i in mb["sample_ids"]]
-    vec, gnorm, applied = apply_update(opt, sched, params, c, state, [sums[t.name] for t in terms], ok_local, ids,
-                                       world)
+    vec, gnorm, applied = apply_update(opt, sched, params, c, state, sums, ok_local, ids, world)
     rec = {"tokens": int(g.tokens), **{t.name: float(vec[j]) for j, t in enumerate(terms)}}
     rec["loss"] = sum(t.weight * rec[t.name] for t in terms)
     if gnorm is not None:
@@ -57,7 +56,7 @@ def run_step(ddp, micro_batches: list, terms: list, opt, sched, params, c, state
 def apply_update(opt, sched, params, c, state: dict, sums: list, ok_local: bool, ids: list, world: int):
     """End of a step, after backward: clip, agree on finiteness across ranks, then update or not.
 
-    ``sums``: this rank's term values (in term order); ``ok_local``: its micro-batch losses were finite;
+    ``sums``: this rank's term values (term name → value, in term order); ``ok_local``: its micro-batch losses were finite;
     ``ids``: its sample ids. The gradient norm (the clipping one, or the plain norm when clipping is off)
     must be finite too. The flag rides in the all-reduce of the term values, so every rank decides alike.
     A non-finite step never reaches the weights (its gradients are dropped before ``opt.step``):
@@ -73,7 +72,7 @@ def apply_update(opt, sched, params, c, state: dict, sums: list, ok_local: bool,
                                     if grads else torch.zeros(()))
     ok = ok_local and bool(torch.isfinite(norm))
     n = len(sums)
-    vec = torch.tensor(list(sums) + [0.0 if ok else 1.0], dtype=torch.float64)
+    vec = torch.tensor(list(sums.values()) + [0.0 if ok else 1.0], dtype=torch.float64)
     if world > 1:  # NCCL reduces device tensors only (gloo either)
         vec = vec.to(norm.device)
         dist.all_reduce(vec)

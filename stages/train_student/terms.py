@@ -65,13 +65,16 @@ def build_terms(c, cache_meta: dict) -> list[Term]:
     if c.kd_weight > 0:
         k = c.kd
         src = k.resolved_source
+        t_prop = float(cache_meta.get("sample_temperature", 1.0))  # the cache's proposal temperature
         fields = {"topk": ("topk_ids", "topk_logprobs") + (("logit_stats",) if k.standardize else ()),
-                  "exact": ("hidden",), "sampled": ("sampled_ids",)}[src]
+                  "exact": ("hidden",),
+                  "sampled": ("sampled_ids",) + (("sampled_logprobs",) if t_prop != 1.0 else ())}[src]
         key = {"topk": "cache_teacher.logits=topk", "exact": "cache_teacher.hidden_layers=[-1]",
                "sampled": "cache_teacher.logits=sampled"}[src]
         out.append(Term("kd", c.kd_weight, POSITIONS[k.positions], fields, key,
                         params={"kind": k.kind, "beta": k.beta, "temperature": k.temperature, "source": src,
-                                "standardize": k.standardize, "chunk_size": k.chunk_size}))
+                                "standardize": k.standardize, "chunk_size": k.chunk_size,
+                                "sample_temperature": t_prop}))
     if c.feature_weight > 0:
         for s_layer, t_layer in c.feature.layers:
             name = "feat" if len(c.feature.layers) == 1 else f"feat[{s_layer},{t_layer}]"
@@ -106,10 +109,6 @@ def problems(terms: list[Term], meta: dict, run_dir) -> list[str]:
             out.append(f"train_student: the {t.name} term reads {'/'.join(lacking)} rows, which this cache does not "
                        f"keep (cache_teacher.positions={meta.get('positions', 'answer')}): set "
                        f"cache_teacher.positions={pos} {rerun}")
-        if t.name == "kd" and t.params["source"] == "sampled" and meta.get("sample_temperature", 1.0) != 1.0 \
-                and "sampled_logprobs" not in have:
-            out.append("train_student.kd.source=sampled: the cache's draws are tempered but hold no log-probs for the "
-                       "importance weights")
     return out
 
 
