@@ -565,7 +565,7 @@ runpy.run_module("llavadi.cli", run_name="__main__", alter_sys=True)
 def rss_study(work: Path, model_dir: Path, n: int, shard_size: int) -> dict:
     """(d): ``llavadi cache-teacher`` (``positions=all``, local executor) in a subprocess on ``n`` and
     ``10 n`` conversations; peak RSS of each child = its ``VmHWM`` at exit (:data:`PEAK_LAUNCHER`), the
-    process tree's RSS polled every 0.05 s beside it (``ingest.run_measured``)."""
+    process tree's RSS polled every 0.05 s beside it (``run_measured`` of ``benchmarks/ingest.py``)."""
     from ingest import run_measured  # benchmarks/ingest.py
 
     from llavadi.pipeline.rundir import StageDir

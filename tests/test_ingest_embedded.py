@@ -181,16 +181,24 @@ def test_a_later_stage_reads_stored_images(hub, tmp_path, tiny_teacher):
 
 
 def test_eval_checks_a_cache_samples_stored_image_in_the_cache_run(hub, tmp_path):
-    """eval's check of a held-out cache's sample images resolves store references in that run,
-    with no image root, and still catches a changed image."""
-    from llavadi.stages import eval as ev
+    """The check every later stage makes of a sample's image (``schemas.samples.sample_image``: eval --cache,
+    train-student, cache-teacher) resolves store references in the sample's run, with no image root, and
+    still catches a changed image."""
+    from llavadi.schemas.samples import Reject, sample_image
+
+    def reason(run_dir):
+        try:
+            sample_image(None, row, run_dir=run_dir, decode=False)
+        except Reject as r:
+            return r.reason
+        return None
 
     d, root, f, g, imgs, _ = hub
     run = tmp_path / "run"
     cli("ingest", run, "--input", g, "--executor", "local")
     row = next(iter_samples(run / "data" / "part-00000.parquet"))
-    assert ev._cache_image_problem(None, row, run) is None
-    assert ev._cache_image_problem(None, row, tmp_path / "elsewhere").reason == "missing_image"
+    assert reason(run) is None
+    assert reason(tmp_path / "elsewhere") == "missing_image"
     stored = run / row["image"][len("run:"):]
     stored.write_bytes(imgs["png_b"])  # other bytes under this name
-    assert ev._cache_image_problem(None, row, run).reason == "missing_image"
+    assert reason(run) == "missing_image"

@@ -25,10 +25,14 @@ from llavadi.pipeline.locks import StageLock
 lk = StageLock(sys.argv[1], "ingest").acquire()
 child = 0
 if sys.argv[2] == "fork":
+    ready = sys.argv[1] + ".child-ready"
     child = os.fork()
-    if child == 0:
+    if child == 0:  # fork() returned here after the at-fork hooks ran: the child's copy of the lock is closed
+        open(ready, "w").close()
         time.sleep(120)
         os._exit(0)
+    while not os.path.exists(ready):  # under load the child may not have run yet: wait until it has
+        time.sleep(0.01)
 print("held", child, flush=True)
 time.sleep(120)
 """
