@@ -379,6 +379,9 @@ def demo(run_dir: Path = typer.Option(Path("demo"), "--run-dir", metavar="DIR", 
          rebuild_teacher: bool = typer.Option(False, "--rebuild-teacher",
                                               help="build the demo teacher in RUN_DIR/teacher (about 20 min on 2 cores) "
                                                    "instead of using the shipped one"),
+         study: bool = typer.Option(False, "--study", help="the LLAVADI study's ablation grid "
+                                                          "(configs/sweeps/llavadi_study.yaml) through `llavadi sweep` "
+                                                          "instead of the five arms (about 45 min on 2 cores)"),
          profile: Optional[str] = typer.Option(None, "--profile", hidden=True, help="default | quick | smoke"),
          executor: Optional[str] = typer.Option(None, "--executor", metavar="NAME", callback=_executor,
                                                 help=_key_help("run.executor") + ", for every stage")) -> None:
@@ -386,9 +389,13 @@ def demo(run_dir: Path = typer.Option(Path("demo"), "--run-dir", metavar="DIR", 
     (offline), with the study's ablation arms; prints a table and writes RUN_DIR/report.md,
     report.png and results.json."""
     from .stages.demo.run import run_demo
+    from .stages.demo.study import run_study
 
     try:
-        run_demo(run_dir, quick=quick, executor=executor or "ray", profile=profile, rebuild_teacher=rebuild_teacher)
+        if study:
+            run_study(run_dir, executor=executor or "ray", profile=profile, rebuild_teacher=rebuild_teacher)
+        else:
+            run_demo(run_dir, quick=quick, executor=executor or "ray", profile=profile, rebuild_teacher=rebuild_teacher)
     except (StageError, LockedError, ConfigError) as e:
         _fail(str(e), 2)
     except StageFailed as e:

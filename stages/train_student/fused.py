@@ -80,7 +80,7 @@ def _block_loss_grad(z: torch.Tensor, blk: dict, ce_w: float, kd_w: float, kw: d
         if want_grad:
             _sub_target_(q.mul_(ce_c), blk["targets"], ce_c, lse)
         return ce, None, (q if want_grad else None)
-    if sampled:  # T = 1 (_check_sampled_args): sum_j w_j (log p_hat(x_j) - log q(x_j)), see kd.sampled_kd_loss
+    if sampled:  # T = 1 (_check_sampled_args): sum_j w_j (log p_hat(x_j) - log q(x_j)), see sampled_kd_loss in kd.py
         ids, w = blk["sampled_ids"], blk["sample_w"]
         kd = (w * (blk["sampled_log_p_hat"] - (z.gather(-1, ids) - lse))).sum(dim=-1)
         if not want_grad:
