@@ -45,6 +45,9 @@ class DemoProfile:
     stage1_captions: int = 3000  # student stage 1: caption conversations (synthetic_vqa.caption) …
     stage1_steps: int = 500  # … and its steps × student_batch (LLaVA's stage-1 alignment, before any arm)
     build: str = "full"  # teacher_builder size used by --rebuild-teacher
+    # what answers the test questions: vLLM, one batched pass per split; transformers (one question at a time)
+    # where starting an engine per student costs more than the questions (the test suite's smoke size)
+    eval_engine: str = "vllm"
 
 
 PROFILES = {
@@ -136,10 +139,10 @@ def setup(root: Path, prof: DemoProfile, executor: str, rebuild_teacher: bool) -
     stage(CACHE, held, [f"teacher.model={json.dumps(str(teacher))}", "cache_teacher.source=data", "cache_teacher.top_k=32"])
     timings["teacher_passes"] = time.time() - t
     # vLLM answers a whole split in one batched pass (transformers' engine generates one question at a time)
-    test_ev = ["eval.engine=vllm", f"eval.data={json.dumps(str(data / 'test.json'))}",
+    test_ev = [f"eval.engine={prof.eval_engine}", f"eval.data={json.dumps(str(data / 'test.json'))}",
                f"eval.cache={json.dumps(str(held / 'cache_teacher'))}", f"eval.image_root={json.dumps(str(data))}",
                "eval.max_new_tokens=6"]
-    val_ev = ["eval.engine=vllm", f"eval.data={json.dumps(str(data / 'validation.json'))}",
+    val_ev = [f"eval.engine={prof.eval_engine}", f"eval.data={json.dumps(str(data / 'validation.json'))}",
               f"eval.image_root={json.dumps(str(data))}", "eval.max_new_tokens=6"]
     t = time.time()
     t_eval = evaluate_cached(held, teacher, "teacher", test_ev)
@@ -260,7 +263,7 @@ def train_arms(run: Path, arms: dict, prof: DemoProfile, su: Setup, every: int, 
             "micro_batch_size": prof.student_batch, "max_steps": prof.student_steps, "epochs": 100000,
             "freeze_vision": True, "shuffle_buffer": 1000, "log_every_steps": 10, "save_every_steps": 100000,
             "keep_checkpoints": 1}
-    spec = {"base": base, "eval": {"engine": "vllm", "image_root": str(su.data), "max_new_tokens": 6},
+    spec = {"base": base, "eval": {"engine": prof.eval_engine, "image_root": str(su.data), "max_new_tokens": 6},
             "arms": {a: {**ov, **({"save_every_steps": every, "keep_checkpoints": keep} if a in CURVE_ARMS else {})}
                      for a, ov in arms.items()}}
     path = run / "demo_arms.yaml"

@@ -18,6 +18,7 @@ Run dir (``RUN/train_student/``, or a sweep arm's ``RUN/sweep/<arm>/seed<k>/``):
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -42,16 +43,14 @@ from .terms import build_terms, row_sets
 STAGE_DIR = "train_student"
 
 
-def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progress: bool = True,
-          out_dir: Optional[Path] = None) -> dict:
-    """Train the student of ``cfg`` on ``run_dir``'s teacher cache into ``out_dir`` (default
-    ``RUN/train_student``); returns ``{"final_checkpoint", "steps", "scan"}``. Raises ``StageError`` before any
-    work on a problem the preflight finds (each naming its fix), or on a changed config without ``force``."""
-    run_dir = Path(run_dir)
+@contextlib.contextmanager
+def _session(run_dir: Path, cfg: LlavadiConfig, out: Path, force: bool, own_config: bool):
+    """The process group (torchrun's), the preflight (raises ``StageError`` naming every problem), the stage
+    lock (rank 0) and the stage directory checked against this config: yields ``(rank, world, sd, fp, done)``
+    (``done``: the finished result of an earlier run with this exact config, else None)."""
     rank, world, own_group = init_distributed()
     try:
-        # preflight: the cache (pulled first when it lives elsewhere), the student, the terms' fields
-        if cfg.train_student.cache_from:
+        if cfg.train_student.cache_from:  # the train-elsewhere flow: the cache and its samples pulled first
             if rank == 0:
                 pull_cache(run_dir, cfg.train_student.cache_from)
             if world > 1:
@@ -61,14 +60,12 @@ def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progr
             raise StageError("train-student: cannot start:\n  " + "\n  ".join(problems))
         mat = material(cfg)
         fp = fingerprint(mat, up_fp)
-        out = Path(out_dir) if out_dir is not None else run_dir / STAGE_DIR
         sd = StageDir(out.parent, out.name)
         lock = StageLock(sd.lock_file, "train-student") if rank == 0 else None
         if lock:
             lock.acquire()
         try:
-            done = open_stage(sd, run_dir, cfg, fp, mat, up_fp, rank, world, force, own_config=out_dir is not None)
-            return done or _train(run_dir, cfg, sd, fp, rank, world, progress)
+            yield rank, world, sd, fp, open_stage(sd, run_dir, cfg, fp, mat, up_fp, rank, world, force, own_config)
         finally:
             if lock:
                 lock.release()
@@ -77,74 +74,81 @@ def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progr
             dist.destroy_process_group()
 
 
-def _train(run_dir: Path, cfg: LlavadiConfig, sd: StageDir, fp: str, rank: int, world: int, progress: bool) -> dict:
+def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progress: bool = True,
+          out_dir: Optional[Path] = None) -> dict:
+    """Train the student of ``cfg`` on ``run_dir``'s teacher cache into ``out_dir`` (default
+    ``RUN/train_student``); returns ``{"final_checkpoint", "steps", "scan"}``. Raises ``StageError`` before any
+    work on a problem the preflight finds (each naming its fix), or on a changed config without ``force``."""
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / STAGE_DIR
     c = cfg.train_student
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    st = student_tokens(c.student, c.prompt_format)
-    adapter = load_adapter(c.student, c.prompt_format)
-
-    # stream: the scan fixes the valid samples (and so the schedule); the terms fix what is collated
-    root, root_from = compat.image_root(cfg)
-    scan, skip = scan_samples(run_dir, st, sd.path, fp, root, compat.ROOT_HINT, world)
-    steps_per_epoch = scan["valid"] // c.batch_size
-    if steps_per_epoch < 1:
-        raise StageError(f"train-student: {scan['valid']} usable samples < batch_size={c.batch_size} "
-                         f"(rejected: {scan['rejected'] or 'none'}; see {sd.path / 'rejects.jsonl'}; images read from "
-                         f"{root} ({root_from})): lower train_student.batch_size or cache more data")
-    total_steps = c.max_steps or steps_per_epoch * c.epochs
-    terms = build_terms(c, CacheReader(run_dir / "cache_teacher", verify=False).meta)
-    plan = CollatePlan(tuple(row_sets(terms).items()), affinity=any(t.name == "aff" for t in terms))
-
-    # build student: weights (resumed), frozen groups, LoRA, the objective and its projectors, optimizer
-    ckpt_dir = sd.path / "checkpoints"
-    b: Built = build(run_dir, cfg, adapter, terms, latest_checkpoint(ckpt_dir), total_steps, fp, rank, world, device)
-    state = b.state
-    log = Metrics(sd.path, rank, state, total_steps, terms, c.log_sample_ids, progress)
-    b.model.train()
-    while state["global_step"] < total_steps:
-        ds = StepDataset(run_dir, st, root, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
-                         rank=rank, world=world, seed=c.seed, epoch=state["epoch"], shuffle_buffer=c.shuffle_buffer,
-                         start_step=state["step_in_epoch"], max_steps=steps_per_epoch, skip=skip,
-                         root_hint=compat.ROOT_HINT, plan=plan)
-        # its own generator: each new iterator draws a base seed, which from the global RNG would shift every later
-        # dropout mask (LoRA's) on resume — a relaunch makes one more iterator than the uninterrupted run
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=c.num_workers, persistent_workers=False,
-                                             generator=torch.Generator().manual_seed(c.seed * 1000003 + state["epoch"]))
-        stepped = False
-        for item in loader:
-            if state["global_step"] >= total_steps:
-                break
-            stepped = True
-            # step: every term over this rank's micro-batches, one update (non-finite: stop or skip)
-            result = run_step(b.ddp, item["micro_batches"], terms, b.opt, b.sched, b.params, c, state, world, device)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            log.step(state, b.sched.get_last_lr()[0], result)
-            # checkpoint: every save_every_steps and the last step
-            last = state["global_step"] == total_steps
-            if state["global_step"] % c.save_every_steps == 0 or last:
-                if c.parallel == "fsdp":  # every rank writes its shard; the last step also the save_pretrained student
-                    parallel.save_checkpoint(ckpt_dir, b.model, b.model.student, b.opt, b.sched, dict(state),
-                                             c.keep_checkpoints, adapter=adapter if last else None)
-                elif rank == 0:
-                    save_checkpoint(ckpt_dir, b.student, adapter, b.model.projector, b.opt, b.sched, dict(state),
-                                    c.keep_checkpoints)
-                if world > 1:
-                    dist.barrier()
-        if state["global_step"] < total_steps:
-            if not stepped and state["step_in_epoch"] == 0:  # an epoch with no step would loop forever
-                raise StageError("train-student: an epoch produced no training step; the cache changed under the run?")
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-
-    # finish: the manifest names the final checkpoint (a relaunch with the same config is then a no-op)
-    log.close()
-    if world > 1:
-        dist.barrier()  # every rank sees the final checkpoint
-    final = latest_checkpoint(ckpt_dir)
-    if rank == 0:
-        m = sd.read_manifest()
-        m.update({"complete": True, "final_checkpoint": final.name if final else None, "steps": total_steps,
-                  "samples_valid": scan["valid"], "rejected": scan["rejected"]})
-        sd.write_manifest(m)
-    return {"final_checkpoint": str(final) if final else None, "steps": total_steps, "scan": scan}
+    # preflight: student, cache, vocabulary, every term's fields and rows; lock; the directory vs this config
+    with _session(run_dir, cfg, out, force, own_config=out_dir is not None) as (rank, world, sd, fp, done):
+        if done:
+            return done
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        st, adapter = student_tokens(c.student, c.prompt_format), load_adapter(c.student, c.prompt_format)
+        # stream: one scan fixes the valid samples and so the schedule
+        root, root_from = compat.image_root(cfg)
+        scan, skip = scan_samples(run_dir, st, sd.path, fp, root, compat.ROOT_HINT, world)
+        steps_per_epoch = scan["valid"] // c.batch_size
+        if steps_per_epoch < 1:
+            raise StageError(f"train-student: {scan['valid']} usable samples < batch_size={c.batch_size} (rejected: "
+                             f"{scan['rejected'] or 'none'}; see {sd.path / 'rejects.jsonl'}; images read from {root} "
+                             f"({root_from})): lower train_student.batch_size or cache more data")
+        total_steps = c.max_steps or steps_per_epoch * c.epochs
+        # build terms: the declared loss terms, and what the collate must align for them
+        terms = build_terms(c, CacheReader(run_dir / "cache_teacher", verify=False).meta)
+        plan = CollatePlan(tuple(row_sets(terms).items()), affinity=any(t.name == "aff" for t in terms))
+        # build student: weights (resumed), frozen groups, LoRA, the objective and its projectors, optimizer
+        ckpt_dir = sd.path / "checkpoints"
+        b: Built = build(run_dir, cfg, adapter, terms, latest_checkpoint(ckpt_dir), total_steps, fp, rank, world, device)
+        state = b.state
+        log = Metrics(sd.path, rank, state, total_steps, terms, c.log_sample_ids, progress)
+        b.model.train()
+        while state["global_step"] < total_steps:
+            ds = StepDataset(run_dir, st, root, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
+                             rank=rank, world=world, seed=c.seed, epoch=state["epoch"], shuffle_buffer=c.shuffle_buffer,
+                             start_step=state["step_in_epoch"], max_steps=steps_per_epoch, skip=skip,
+                             root_hint=compat.ROOT_HINT, plan=plan)
+            # its own generator: each new iterator draws a base seed, which from the global RNG would shift every
+            # later dropout mask (LoRA's) on resume — a relaunch makes one more iterator than the uninterrupted run
+            loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=c.num_workers, persistent_workers=False,
+                                                 generator=torch.Generator().manual_seed(c.seed * 1000003 + state["epoch"]))
+            stepped = False
+            for item in loader:
+                if state["global_step"] >= total_steps:
+                    break
+                stepped = True
+                # step: every term over this rank's micro-batches, one update (non-finite: stop or skip)
+                result = run_step(b.ddp, item["micro_batches"], terms, b.opt, b.sched, b.params, c, state, world, device)
+                state["global_step"] += 1
+                state["step_in_epoch"] += 1
+                log.step(state, b.sched.get_last_lr()[0], result)
+                # checkpoint: every save_every_steps and the last step
+                last = state["global_step"] == total_steps
+                if state["global_step"] % c.save_every_steps == 0 or last:
+                    if c.parallel == "fsdp":  # every rank writes its shard; the last step also the save_pretrained student
+                        parallel.save_checkpoint(ckpt_dir, b.model, b.model.student, b.opt, b.sched, dict(state),
+                                                 c.keep_checkpoints, adapter=adapter if last else None)
+                    elif rank == 0:
+                        save_checkpoint(ckpt_dir, b.student, adapter, b.model.projector, b.opt, b.sched, dict(state),
+                                        c.keep_checkpoints)
+                    if world > 1:
+                        dist.barrier()
+            if state["global_step"] < total_steps:
+                if not stepped and state["step_in_epoch"] == 0:  # an epoch with no step would loop forever
+                    raise StageError("train-student: an epoch produced no training step; the cache changed under the run?")
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
+        # finish: the manifest names the final checkpoint (a relaunch with the same config is then a no-op)
+        log.close()
+        if world > 1:
+            dist.barrier()  # every rank sees the final checkpoint
+        final = latest_checkpoint(ckpt_dir)
+        if rank == 0:
+            m = sd.read_manifest()
+            m.update({"complete": True, "final_checkpoint": final.name if final else None, "steps": total_steps,
+                      "samples_valid": scan["valid"], "rejected": scan["rejected"]})
+            sd.write_manifest(m)
+        return {"final_checkpoint": str(final) if final else None, "steps": total_steps, "scan": scan}
