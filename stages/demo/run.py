@@ -173,8 +173,7 @@ def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", pr
 
         init_ray(RunConfig())  # one embedded cluster for every stage of the demo
     su = setup(root, prof, executor, rebuild_teacher)
-    timings, teacher, data, base, held = su.timings, su.teacher, su.data, su.base, su.held
-    student_init, val_ev = su.student_init, su.val_ev
+    timings, teacher, data, base, val_ev = su.timings, su.teacher, su.data, su.base, su.val_ev
 
     # 2. teacher passes: the original labelled cache, the regenerated labelled+unlabelled one --------------
     t = time.time()

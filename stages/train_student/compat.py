@@ -97,7 +97,7 @@ PROBE_SAMPLES = 4
 
 
 def alignment_problems(cfg: LlavadiConfig, run_dir: Path, terms: list) -> list[str]:
-    from ...schemas.samples import Reject, sample_image
+    from ...schemas.samples import sample_image
     from ...schemas.teacher_cache.fields import POSITIONS
     from .batch import CollatePlan, collate
     from .data import load_adapter, stream_samples, student_tokens
@@ -151,7 +151,7 @@ def student_problems(c, model=None) -> list[str]:
     student, built when not given; it is wrapped in place by the LoRA check)."""
     from ...models import family_of
     from ...models.adapter import check_model
-    from .loop import frozen_parameters
+    from .setup import frozen_parameters
 
     _, problems = check_model(c.student, c.prompt_format, "train_student.student", "train_student.prompt_format")
     if problems:

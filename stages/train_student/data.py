@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ...pipeline.rundir import StageDir

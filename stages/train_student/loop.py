@@ -36,8 +36,8 @@ from .checkpoint import latest_checkpoint, pull_cache, save_checkpoint
 from .compat import preflight
 from .data import StepDataset, load_adapter, scan as scan_samples, student_tokens
 from .metrics import Metrics
-from .setup import Built, build, frozen_parameters, init_distributed, material, open_stage  # noqa: F401 (re-exported)
-from .step import apply_update, run_step  # noqa: F401 (apply_update re-exported)
+from .setup import Built, build, init_distributed, material, open_stage
+from .step import run_step
 from .terms import build_terms, row_sets
 
 STAGE_DIR = "train_student"
