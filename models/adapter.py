@@ -25,11 +25,17 @@ from .prompts import PromptRenderer, place_image, split_system
 @dataclass
 class TextConversation:
     """A conversation rendered and tokenised, image placeholder NOT expanded:
-    ``ids [L_text]``, ``spans`` = ``[start, end)`` of every answer in ``ids``."""
+    ``ids [L_text]``, ``spans`` = ``[start, end)`` of every answer in ``ids``.
+
+    With ``answers`` (sampled answer ids: ``models.answer_ids``), ``ids``/``spans`` hold those ids spliced into
+    the text's own tokens ``text_ids``/``text_spans``; ``encode`` splices them after the image expansion."""
 
     text: str
     ids: list[int]
     spans: list[tuple[int, int]]
+    text_ids: Optional[list[int]] = None
+    text_spans: Optional[list[tuple[int, int]]] = None
+    answers: Optional[list[list[int]]] = None
 
 
 @dataclass
@@ -235,6 +241,10 @@ class ModelAdapter:
         ``Reject("token_mismatch")``."""
         from ..schemas.samples import Reject
 
+        if conv.answers is not None:  # sampled answer ids replace the text's answer tokens (issue #24)
+            from .answer_ids import encode_answers
+
+            return encode_answers(self, conv, image)
         out = self.processor_outputs(conv.text, image)
         E = [int(x) for x in out["input_ids"].reshape(-1).tolist()]
         U = conv.ids

@@ -14,7 +14,9 @@ recomputes the exact full-vocabulary teacher distribution from ``hidden``).
 Rejects: ``token_mismatch`` (template tokenisation is not prefix-stable at a turn boundary),
 ``missing_image`` / ``image_changed`` / ``undecodable_image`` (``schemas.samples.sample_image``: the image is
 checked against the sha256 ingest recorded), ``too_long`` (conversation longer than the teacher's context),
-``model_error``.
+``model_error``; on rows with sampled answer ids (``answer_token_ids``: an on-policy round's, issue #24) the
+ids are scored as they are (``models.answer_ids``) and an answer the format cannot hold is rejected with the
+reasons listed there.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from ..models.answer_ids import row_conversation
 from ..models.engines.common import max_model_len, output_head
 from ..models.engines.forcing import ForceRequest, make_forcer, vllm_problems
 from ..pipeline import atomic
@@ -103,7 +106,8 @@ class CacheTeacherStage:
         """A sample row → its teacher-forcing request and row layout, or raise ``Reject``. The answer
         spans, image positions and forward inputs come from the teacher's ``models.ModelAdapter``."""
         spec = forcer.spec
-        conv = forcer.adapter.conversation(row["conversations"], row["image"] is not None)
+        # a row with the sampled answer ids (an on-policy round's: issue #24) is scored on exactly those ids
+        conv = row_conversation(forcer.adapter, row)
         # checked against the sha256 ingest recorded: a changed / missing image is this record's Reject
         image = sample_image(ctx.cfg.ingest.image_root, row, run_dir=ctx.run_dir)
         enc = forcer.adapter.encode(conv, image)
@@ -253,7 +257,7 @@ class CacheTeacherStage:
         meta = {**spec.to_meta(), "teacher": teacher_identity(ctx.cfg),
                 "tokenizer_sha256": tokenizer_hash(adapter.tokenizer), "chat_template_sha256": adapter.renderer.identity,
                 "prompt_format": t.prompt_format, "family": adapter.family.name,
-                "source": ctx.cfg.cache_teacher.source, "engine": ctx.cfg.cache_teacher.engine,
+                "source": self.upstream_for(ctx.cfg), "engine": ctx.cfg.cache_teacher.engine,
                 "sample_seed": ctx.cfg.cache_teacher.sample_seed, "stage_fingerprint": ctx.fingerprint,
                 "head_file": HEAD_FILE, "image_rows": img}
         shards = []

@@ -47,6 +47,22 @@ def weights_identity(model_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_sha256(model_dir: str | Path) -> str:
+    """Full identity of a checkpoint: sha256 over ``config.json`` and every byte of every weight file
+    (``.safetensors``, ``.bin``), in name order. What an on-policy round's generator is known by (issue #24):
+    two students that differ in one weight must not share a round's fingerprint, which the sampled identity
+    of ``weights_identity`` cannot promise. Reads the whole checkpoint (about 1 s per GB)."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    for p in sorted(d.iterdir()):
+        if p.suffix in (".safetensors", ".bin") or p.name == "config.json":
+            h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
 def max_model_len(teacher: TeacherConfig) -> int:
     """``teacher.max_model_len`` or, when unset, the model's ``max_position_embeddings``."""
     if teacher.max_model_len:

@@ -29,6 +29,9 @@ class GenRequest:
     prompt: str
     image: Optional[object] = None  # PIL.Image.Image (RGB)
     seed: int = 0
+    # the forward inputs themselves (``[1, L]`` tensors, image expanded) instead of ``prompt`` — a prompt that
+    # holds earlier sampled answer ids (``models.answer_ids.turn_prompt``); the HF engine only
+    inputs: Optional[dict] = None
 
 
 @dataclass
@@ -36,12 +39,13 @@ class GenResult:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     cached_prompt_tokens: int = 0  # prompt tokens served from the engine's prefix cache (not recomputed)
+    stop_token_id: Optional[int] = None  # the stop token that ended the answer (not in token_ids), if one did
 
 
 def _finish(ids: list[int], eos: set[int], max_new: int) -> GenResult:
     for j, t in enumerate(ids):
         if t in eos:
-            return GenResult(ids[:j], "stop")
+            return GenResult(ids[:j], "stop", stop_token_id=int(t))
     return GenResult(ids, "length" if len(ids) >= max_new else "stop")
 
 
@@ -74,6 +78,8 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         prompts, params = [], []
+        if any(r.inputs is not None for r in reqs):
+            raise NotImplementedError("the vLLM engine takes text prompts only (GenRequest.inputs: HF engine)")
         for r in reqs:
             prompts.append(vllm_prompt(self.adapter, r.prompt, r.image))
             params.append(SamplingParams(
@@ -112,7 +118,8 @@ class HFEngine:
         """Nothing to reset: each ``generate`` starts from the prompt alone."""
 
     def _inputs(self, r: GenRequest) -> dict:
-        return {k: v.to(self.device) for k, v in self.adapter.prompt_inputs(r.prompt, r.image).items()}
+        inputs = r.inputs if r.inputs is not None else self.adapter.prompt_inputs(r.prompt, r.image)
+        return {k: v.to(self.device) for k, v in inputs.items()}
 
     def generate(self, reqs: Sequence[GenRequest], s: SamplingConfig) -> list[GenResult]:
         import torch
