@@ -34,6 +34,7 @@ from typing import Iterator, Optional
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ...models.answer_ids import row_conversation
 from ...pipeline.rundir import StageDir
 from ...schemas.samples import Reject, iter_samples, sample_image
 from ...schemas.teacher_cache import CacheReader
@@ -41,6 +42,19 @@ from ...schemas.teacher_cache.fields import KIND_ANSWER, POSITIONS
 from .batch import CollatePlan, collate as collate_batch
 
 ANSWER = POSITIONS["answer"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One teacher cache a training stream reads: ``cache`` = its directory relative to the run directory
+    (its samples come from the stage its ``index.json`` names as ``source``), ``ids`` = the sample ids kept
+    (None: all). An on-policy round reads its round cache and the base cache's other prompts (issue #24)."""
+
+    cache: str = "cache_teacher"
+    ids: Optional[frozenset] = None
+
+
+BASE = (Source(),)  # train-student's stream: the run's one cache, every sample
 
 
 @dataclass
@@ -94,8 +108,8 @@ def student_tokens(model_dir: str, prompt_format: str = "auto") -> StudentTokens
 
 def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = None, *,
                    image_root: Optional[str] = None, check_images: bool = True, skip: frozenset = frozenset(),
-                   root_hint: str = "") -> Iterator[dict]:
-    """Valid training samples in cache order: ``{"id", "row", "conv", "cache"}`` (``conv``: the
+                   root_hint: str = "", sources: tuple = BASE) -> Iterator[dict]:
+    """Valid training samples in cache order (``sources`` one after another): ``{"id", "row", "conv", "cache"}`` (``conv``: the
     conversation in the student's prompt format, ``models.adapter.TextConversation``).
 
     A sample is rejected (appended to ``rejects`` as ``{"id", "reason", "detail"}``) when its row is
@@ -106,20 +120,26 @@ def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = N
     rejects) are left out silently, so every epoch, rank and worker sees the same stream whatever happens
     to the image folder meanwhile (a later change is caught when the image is loaded, ``StepDataset.collate``)."""
     adapter = load_adapter(st.model_dir, st.prompt_format)
-    cache_dir = Path(run_dir) / "cache_teacher"
-    reader = CacheReader(cache_dir)
-    src = StageDir(Path(run_dir), reader.meta.get("source", "regenerate"))
+    for source in sources:
+        yield from _stream_cache(Path(run_dir), adapter, source, rejects, image_root, check_images, skip, root_hint)
+
+
+def _stream_cache(run_dir: Path, adapter, source: Source, rejects: Optional[list], image_root: Optional[str],
+                  check_images: bool, skip: frozenset, root_hint: str) -> Iterator[dict]:
+    reader = CacheReader(run_dir / source.cache)
+    src = StageDir(run_dir, reader.meta.get("source", "regenerate"))
     for entry in reader.shards:
         src.verify_shard(entry["shard"])  # the source rows are the ones the cache was made from
         rows = {r["id"]: r for r in iter_samples(src.data_file(entry["shard"]))}
         for s in reader.iter_shard(entry):
-            if s["sample_id"] in skip:
+            if s["sample_id"] in skip or (source.ids is not None and s["sample_id"] not in source.ids):
                 continue
             row = rows.get(s["sample_id"])
             try:
                 if row is None:
                     raise Reject("missing_sample", f"{s['sample_id']} is not in {src.data_file(entry['shard']).name}")
-                conv = adapter.conversation(row["conversations"], row["image"] is not None)
+                # sampled answer ids (an on-policy round's rows) are spliced in, never re-tokenised from text
+                conv = row_conversation(adapter, row)
                 mine = [conv.ids[p] for a, b in conv.spans for p in range(a, b)]
                 theirs = s["token_ids"][s["kind"] == KIND_ANSWER].tolist()  # whatever positions the cache keeps
                 if mine != theirs:
@@ -135,7 +155,7 @@ def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = N
 
 
 def scan(run_dir: Path, st: StudentTokens, out_dir: Path, fingerprint: str, image_root: Optional[str],
-         root_hint: str = "", world: int = 1) -> tuple[dict, frozenset]:
+         root_hint: str = "", world: int = 1, sources: tuple = BASE) -> tuple[dict, frozenset]:
     """The run's one pass over its samples before training (``stream_samples`` with the image check):
     ``({"fingerprint", "valid": n, "rejected": {reason: n}}, ids rejected)``. The step schedule is computed
     on ``valid``; the ids are ``StepDataset``'s ``skip``. Kept in ``out_dir/scan.json`` + ``rejects.jsonl``
@@ -153,7 +173,8 @@ def scan(run_dir: Path, st: StudentTokens, out_dir: Path, fingerprint: str, imag
         fresh = False
     else:
         rejects = []
-        n_valid = sum(1 for _ in stream_samples(run_dir, st, rejects, image_root=image_root, root_hint=root_hint))
+        n_valid = sum(1 for _ in stream_samples(run_dir, st, rejects, image_root=image_root, root_hint=root_hint,
+                                                sources=sources))
         by_reason: dict = {}
         for r in rejects:
             by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
@@ -197,7 +218,7 @@ class StepDataset(IterableDataset):
     def __init__(self, run_dir: Path, st: StudentTokens, image_root: Optional[str], *, batch_size: int,
                  micro_batch_size: int, rank: int, world: int, seed: int, epoch: int, shuffle_buffer: int,
                  start_step: int = 0, max_steps: int = 0, skip: frozenset = frozenset(), root_hint: str = "",
-                 plan: CollatePlan = CollatePlan(((ANSWER, ("kind", "token_ids")),))):
+                 plan: CollatePlan = CollatePlan(((ANSWER, ("kind", "token_ids")),)), sources: tuple = BASE):
         if batch_size % (world * micro_batch_size):
             raise ValueError(f"train_student.batch_size={batch_size} must be a multiple of "
                              f"micro_batch_size × world size = {micro_batch_size} × {world}")
@@ -205,13 +226,14 @@ class StepDataset(IterableDataset):
         self.G, self.mb, self.rank, self.world = batch_size, micro_batch_size, rank, world
         self.seed, self.epoch, self.buffer = seed, epoch, shuffle_buffer
         self.start_step, self.max_steps = start_step, max_steps
-        self.skip, self.root_hint, self.plan = frozenset(skip), root_hint, plan
+        self.skip, self.root_hint, self.plan, self.sources = frozenset(skip), root_hint, plan, sources
 
     def _adapter(self):
         return load_adapter(self.st.model_dir, self.st.prompt_format)
 
     def global_batches(self, rejects: Optional[list] = None) -> Iterator[list[dict]]:
-        stream = shuffled(stream_samples(self.run_dir, self.st, rejects, check_images=False, skip=self.skip),
+        stream = shuffled(stream_samples(self.run_dir, self.st, rejects, check_images=False, skip=self.skip,
+                                         sources=self.sources),
                           self.buffer, self.seed * 1_000_003 + self.epoch)
         batch: list[dict] = []
         for it in stream:

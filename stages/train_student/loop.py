@@ -34,7 +34,8 @@ from . import compat, parallel
 from .batch import CollatePlan
 from .checkpoint import latest_checkpoint, pull_cache, save_checkpoint
 from .compat import preflight
-from .data import StepDataset, load_adapter, scan as scan_samples, student_tokens
+from .continuation import Continuation, begin, start_step
+from .data import BASE, StepDataset, load_adapter, scan as scan_samples, student_tokens
 from .metrics import Metrics
 from .setup import Built, build, init_distributed, material, open_stage
 from .step import run_step
@@ -44,7 +45,8 @@ STAGE_DIR = "train_student"
 
 
 @contextlib.contextmanager
-def _session(run_dir: Path, cfg: LlavadiConfig, out: Path, force: bool, own_config: bool):
+def _session(run_dir: Path, cfg: LlavadiConfig, out: Path, force: bool, own_config: bool,
+             cont: Optional[Continuation] = None):
     """The process group (torchrun's), the preflight (raises ``StageError`` naming every problem), the stage
     lock (rank 0) and the stage directory checked against this config: yields ``(rank, world, sd, fp, done)``
     (``done``: the finished result of an earlier run with this exact config, else None)."""
@@ -59,6 +61,8 @@ def _session(run_dir: Path, cfg: LlavadiConfig, out: Path, force: bool, own_conf
         if problems:
             raise StageError("train-student: cannot start:\n  " + "\n  ".join(problems))
         mat = material(cfg)
+        if cont is not None:  # an on-policy round: chains its round cache, holds what else it depends on
+            mat, up_fp = {**mat, "continuation": cont.material}, cont.upstream_fingerprint
         fp = fingerprint(mat, up_fp)
         sd = StageDir(out.parent, out.name)
         lock = StageLock(sd.lock_file, "train-student") if rank == 0 else None
@@ -75,34 +79,40 @@ def _session(run_dir: Path, cfg: LlavadiConfig, out: Path, force: bool, own_conf
 
 
 def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progress: bool = True,
-          out_dir: Optional[Path] = None) -> dict:
+          out_dir: Optional[Path] = None, cont: Optional[Continuation] = None) -> dict:
     """Train the student of ``cfg`` on ``run_dir``'s teacher cache into ``out_dir`` (default
     ``RUN/train_student``); returns ``{"final_checkpoint", "steps", "scan"}``. Raises ``StageError`` before any
-    work on a problem the preflight finds (each naming its fix), or on a changed config without ``force``."""
+    work on a problem the preflight finds (each naming its fix), or on a changed config without ``force``.
+    ``cont``: continue another run's full state on other caches (an on-policy round: ``continuation.py``)."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / STAGE_DIR
     c = cfg.train_student
     # preflight: student, cache, vocabulary, every term's fields and rows; lock; the directory vs this config
-    with _session(run_dir, cfg, out, force, own_config=out_dir is not None) as (rank, world, sd, fp, done):
+    sources = cont.sources if cont is not None else BASE
+    with _session(run_dir, cfg, out, force, own_config=out_dir is not None, cont=cont) as (rank, world, sd, fp, done):
         if done:
             return done
         device = "cuda" if torch.cuda.is_available() else "cpu"
         st, adapter = student_tokens(c.student, c.prompt_format), load_adapter(c.student, c.prompt_format)
         # stream: one scan fixes the valid samples and so the schedule
         root, root_from = compat.image_root(cfg)
-        scan, skip = scan_samples(run_dir, st, sd.path, fp, root, compat.ROOT_HINT, world)
+        scan, skip = scan_samples(run_dir, st, sd.path, fp, root, compat.ROOT_HINT, world, sources)
         steps_per_epoch = scan["valid"] // c.batch_size
         if steps_per_epoch < 1:
             raise StageError(f"train-student: {scan['valid']} usable samples < batch_size={c.batch_size} (rejected: "
                              f"{scan['rejected'] or 'none'}; see {sd.path / 'rejects.jsonl'}; images read from {root} "
                              f"({root_from})): lower train_student.batch_size or cache more data")
-        total_steps = c.max_steps or steps_per_epoch * c.epochs
+        total_steps = start_step(cont) + (c.max_steps or steps_per_epoch * c.epochs)
         # build terms: the declared loss terms, and what the collate must align for them
         terms = build_terms(c, CacheReader(run_dir / "cache_teacher", verify=False).meta)
         plan = CollatePlan(tuple(row_sets(terms).items()), affinity=any(t.name == "aff" for t in terms))
         # build student: weights (resumed), frozen groups, LoRA, the objective and its projectors, optimizer
         ckpt_dir = sd.path / "checkpoints"
-        b: Built = build(run_dir, cfg, adapter, terms, latest_checkpoint(ckpt_dir), total_steps, fp, rank, world, device)
+        own = latest_checkpoint(ckpt_dir)
+        b: Built = build(run_dir, cfg, adapter, terms, own or (cont.init if cont else None), total_steps, fp, rank,
+                         world, device)
+        if own is None and cont is not None and cont.init is not None:
+            begin(b, cont, total_steps, fp)  # another run's state, now this run's start
         state = b.state
         log = Metrics(sd.path, rank, state, total_steps, terms, c.log_sample_ids, progress)
         b.model.train()
@@ -110,7 +120,7 @@ def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progr
             ds = StepDataset(run_dir, st, root, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size,
                              rank=rank, world=world, seed=c.seed, epoch=state["epoch"], shuffle_buffer=c.shuffle_buffer,
                              start_step=state["step_in_epoch"], max_steps=steps_per_epoch, skip=skip,
-                             root_hint=compat.ROOT_HINT, plan=plan)
+                             root_hint=compat.ROOT_HINT, plan=plan, sources=sources)
             # its own generator: each new iterator draws a base seed, which from the global RNG would shift every
             # later dropout mask (LoRA's) on resume — a relaunch makes one more iterator than the uninterrupted run
             loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=c.num_workers, persistent_workers=False,
