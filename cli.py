@@ -97,6 +97,12 @@ NOTES: dict[str, dict[str, str]] = {
                        + "; stored in RUN/config.yaml",
         "force": "delete train_student/ (checkpoints, metrics) and train again from the initial student",
     },
+    "on-policy": {
+        "executor": "run.executor of the generate and cache-teacher parts of each round (the train part runs in "
+                    "this process)",
+        "force": "delete every part (generate, cache_teacher, train_student) of each round this launch runs and "
+                 "redo it",
+    },
     "eval": {
         "executor": "eval runs in this process, never on Ray: validated, otherwise no effect",
         "ray_address": "eval runs in this process, never on Ray: no effect",
@@ -330,6 +336,32 @@ def eval_cmd(common: Common,
     typer.echo(summary(res, run))
     if res.get("problems"):
         _fail("; ".join(res["problems"]), 1)
+
+
+@stage_command("on-policy")
+def on_policy(common: Common,
+              rounds: Optional[int] = typer.Option(None, "--rounds", metavar="N",
+                                                   help="rounds to run (on_policy.rounds); finished rounds are skipped")) -> None:
+    """On-policy rounds: the student answers, the teacher scores those tokens, the student continues training
+    → RUN/on_policy/round_<r>/{generate,cache_teacher,train_student}; each part resumes like its stage."""
+    from .pipeline.rundir import CorruptShardError
+    from .schemas.teacher_cache import CacheCorruptError
+    from .stages.on_policy.rounds import run_on_policy
+
+    cfg = common.resolve([f"on_policy.rounds={rounds}"] if rounds is not None else [])
+    if cfg is None:
+        return
+    try:
+        done = run_on_policy(common.run, cfg, force=common.force, progress=_progress())
+    except (StageError, LockedError) as e:
+        _fail(str(e), 2)
+    except StageFailed as e:
+        _fail(str(e), 1)
+    except (CorruptShardError, CacheCorruptError) as e:
+        _fail(f"on-policy stopped on a corrupt input: {e}", 1)
+    for info in done:
+        typer.echo(f"on-policy round {info['round']}: {info['prompts']['on_policy']} prompts re-answered, "
+                   f"{info['samples']} samples, step {info['steps']}; final checkpoint {info['final_checkpoint']}")
 
 
 @app.command()

@@ -23,6 +23,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .config_on_policy import OnPolicyConfig
+
 
 def prompt_format_problems(key: str, value: str) -> list[str]:
     """``auto``, ``llava_v1`` or an existing Jinja file."""
@@ -442,6 +444,7 @@ class LlavadiConfig:
     cache_teacher: CacheTeacherConfig = field(default_factory=CacheTeacherConfig)
     train_student: TrainStudentConfig = field(default_factory=TrainStudentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     def validate(self) -> list[str]:
         problems: list[str] = []

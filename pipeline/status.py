@@ -1,6 +1,7 @@
 """``llavadi status RUN``: per stage, shards total/done and samples in/out/rejected (by reason),
 read only from ``_stage.json`` and the ``_done`` markers (cheap on any size of run); regenerate
-adds its generation figures from ``stats/``."""
+adds its generation figures from ``stats/``. On-policy rounds follow, one row per part
+(``on_policy/round_<r>/generate``, ``…/cache_teacher``, ``…/train_student``: steps)."""
 from __future__ import annotations
 
 import json
@@ -13,12 +14,13 @@ from .rundir import STAGE_ORDER, StageDir
 def collect(run_dir: Path | str) -> dict:
     run_dir = Path(run_dir)
     stages = {}
-    for name in STAGE_ORDER:
+    for name in STAGE_ORDER + _round_parts(run_dir):
         sd = StageDir(run_dir, name)
         if not sd.path.exists():
             continue
-        if name in SPECIAL:
-            stages[name] = SPECIAL[name](sd)
+        kind = name.rsplit("/", 1)[-1]  # an on-policy round's part is shown as the stage it is
+        if kind in SPECIAL:
+            stages[name] = SPECIAL[kind](sd)
             continue
         manifest = sd.read_manifest() or {}
         fp = manifest.get("fingerprint")
@@ -41,7 +43,7 @@ def collect(run_dir: Path | str) -> dict:
             except (OSError, json.JSONDecodeError):
                 lock = {"state": "unreadable"}
         stages[name] = {
-            **({"generation": _generation(sd, done_idx)} if name == "regenerate" else {}),
+            **({"generation": _generation(sd, done_idx)} if kind in ("regenerate", "generate") else {}),
             "fingerprint": fp,
             "shards_total": manifest.get("shards_total"),
             "shards_done": len(done),
@@ -55,6 +57,12 @@ def collect(run_dir: Path | str) -> dict:
     if est is not None:  # cache-teacher not finished: its expected size and the free space (issue #15)
         out["cache_teacher_estimate"] = est
     return out
+
+
+def _round_parts(run_dir: Path) -> list[str]:
+    """``on_policy/round_<r>/{generate,cache_teacher,train_student}`` of every round started, by round (issue #24)."""
+    rounds = sorted(int(p.name[6:]) for p in (run_dir / "on_policy").glob("round_*") if p.name[6:].isdigit())
+    return [f"on_policy/round_{r}/{part}" for r in rounds for part in ("generate", "cache_teacher", "train_student")]
 
 
 def _generation(sd: StageDir, shards: list[int]) -> dict:
