@@ -23,14 +23,13 @@ plus
 | turn_num_tokens        | list<int32>               | sampled ids per turn |
 
 Rejects: ``missing_image`` / ``image_changed`` / ``undecodable_image``, ``image_placement``, ``processor_error``,
-``prompt_too_long`` (≥ the teacher's max_model_len), ``model_error``, and an answer the prompt format cannot
+``prompt_too_long`` (prompt + ``max_new_tokens`` past the teacher's or the student's context), ``model_error``, and an answer the prompt format cannot
 hold (``models.answer_ids``: ``empty_generation``, ``token_out_of_vocab``, ``special_token_in_answer``,
 ``special_token_in_text``, ``token_mismatch``).
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -43,7 +42,7 @@ from ...pipeline import atomic
 from ...pipeline.config import LlavadiConfig, SamplingConfig
 from ...pipeline.stage import ShardOutput, ShardTask, StageContext, plan_from_upstream
 from ...schemas.samples import SAMPLE_SCHEMA, TURN_TYPE, Reject, iter_samples, sample_image, write_samples
-from .plan import RoundStart, digest, part_dir
+from .plan import RoundStart, digest, part_dir, rel_path
 
 GENERATE_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [
     pa.field("answer_token_ids", pa.list_(pa.list_(pa.int32()))),
@@ -77,21 +76,27 @@ class GenerateStage:
         self.prompts_sha256 = digest(sorted(on_ids))
         self.generator_sha256 = generator_sha256
 
-    def generator(self, cfg: LlavadiConfig) -> dict:
-        return {"model": os.path.abspath(self.start.generator), "weights_sha256": self.generator_sha256,
+    def generator(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
+        """The generator's identity: its full weights hash; its path relative to the run directory when it lies
+        inside (a checkpoint of this run: a moved or copied run keeps its fingerprints)."""
+        return {"model": rel_path(self.start.generator, run_dir), "weights_sha256": self.generator_sha256,
                 "prompt_format": cfg.train_student.prompt_format, "round": self.start.r}
 
-    def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
+    @staticmethod
+    def engine_problems(cfg: LlavadiConfig) -> list[str]:
         if cfg.on_policy.engine == "vllm":
             return ["on_policy.engine=vllm is not supported yet (the student's prompts hold its earlier answers as "
                     "sampled ids, which only the HF engine takes so far): set on_policy.engine=hf"]
         return []
 
+    def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
+        return self.engine_problems(cfg)
+
     def material(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
         op = asdict(cfg.on_policy)
         for k in ("rounds", "mix", "lr"):  # how many rounds, and how they train, do not change this round's answers
             op.pop(k)
-        return {"on_policy": op, "round": self.start.r, "round_seed": self.seed, "generator": self.generator(cfg),
+        return {"on_policy": op, "round": self.start.r, "round_seed": self.seed, "generator": self.generator(cfg, run_dir),
                 "previous": self.start.previous, "prompts_sha256": self.prompts_sha256,
                 "max_model_len": cfg.teacher.max_model_len, "image_root": cfg.ingest.image_root}
 
@@ -112,7 +117,7 @@ class GenerateStage:
         rows_out, rejects, reasons = [], [], {}
         n_in = gen_tokens = 0
         t0 = time.time()
-        gen = json.dumps(self.generator(ctx.cfg), sort_keys=True)
+        gen = json.dumps(self.generator(ctx.cfg, ctx.run_dir), sort_keys=True)
         samp = json.dumps({"engine": ctx.cfg.on_policy.engine, **asdict(sampling(ctx.cfg)), "seed": self.seed},
                           sort_keys=True)
         block: list[dict] = []
@@ -159,13 +164,18 @@ class GenerateStage:
                  "generated_tokens_per_s": round(gen_tokens / secs, 1) if secs > 0 else None}
         return ShardOutput(out, {"in": n_in, "out": n_out, "rejected": dict(sorted(reasons.items()))}, stats)
 
+    def cleanup(self, ctx: StageContext, task: ShardTask) -> None:
+        pass
+
     def _answer_block(self, ctx: StageContext, engine, block: list[dict]) -> list[dict]:
         """Per row ``{"turns", "answers", "reasons"}`` or ``{"reject": (reason, detail)}``."""
         from ...models.engines.common import max_model_len, request_seed
         from ...models.engines.generate import GenRequest
 
         adapter, s = engine.adapter, sampling(ctx.cfg)
-        limit = max_model_len(ctx.cfg.teacher)
+        # the whole answer must fit both contexts: the teacher's (the round cache) and the student's
+        limit = min(max_model_len(ctx.cfg.teacher),
+                    max_model_len(replace(ctx.cfg.teacher, model=str(self.start.generator), max_model_len=None)))
         state = []
         for row in block:
             st = {"img": None, "turns": [], "answers": [], "prompts": [], "reasons": [], "fail": None}
@@ -185,9 +195,11 @@ class GenerateStage:
                 except Reject as r:
                     st["fail"] = (r.reason, f"turn {t}: {r.detail}")
                     continue
-                if int(inputs["input_ids"].shape[-1]) >= limit:
-                    st["fail"] = ("prompt_too_long", f"turn {t}: {inputs['input_ids'].shape[-1]} prompt tokens >= "
-                                                     f"max_model_len={limit}")
+                n = int(inputs["input_ids"].shape[-1])
+                if n + s.max_new_tokens > limit:
+                    st["fail"] = ("prompt_too_long", f"turn {t}: {n} prompt tokens + on_policy.max_new_tokens="
+                                                     f"{s.max_new_tokens} > {limit} (the teacher's and the student's "
+                                                     f"context)")
                     continue
                 st["prompts"].append(ids)
                 reqs.append(GenRequest("", st["img"], request_seed(self.seed, row["id"], t), inputs=inputs))

@@ -84,6 +84,13 @@ def select_prompts(run_dir: Path, cfg: LlavadiConfig, r: int) -> tuple[list[str]
     return drawn[:n_on], drawn[n_on:]
 
 
+def rel_path(path: Path | str, run_dir: Path | str) -> str:
+    """``path`` relative to ``run_dir`` when inside it (what fingerprints hold: a moved run keeps them), else
+    absolute."""
+    p, r = Path(path).resolve(), Path(run_dir).resolve()
+    return str(p.relative_to(r)) if p.is_relative_to(r) else str(p)
+
+
 def digest(ids: list[str]) -> str:
     return hashlib.sha256("\x00".join(ids).encode()).hexdigest()
 

@@ -9,7 +9,7 @@ Round r (``plan.py`` for its directories, seed, prompts and start):
     ``index.json``, teacher head) over ``generate/``, whose rows carry ``answer_token_ids``: the teacher-forced
     sequence holds exactly those ids (``models.answer_ids``);
 (c) ``train_student/`` — ``train()`` continuing round r−1's full state
-    (``train_student.continuation``) on ``on_policy.mix`` of the round cache and the base cache's other prompts,
+    (``stages/train_student/continuation.py``) on ``on_policy.mix`` of the round cache and the base cache's other prompts,
     one pass, at the constant ``on_policy.lr``.
 
 Fingerprints chain: (a) holds round r−1's train fingerprint and the generator's full weights hash, (b) chains
@@ -33,7 +33,8 @@ from ...pipeline.stage import engine_installed
 from ..cache_teacher import CacheTeacherStage
 from ..regenerate import teacher_preflight
 from .generate import GenerateStage
-from .plan import PARTS, RoundStart, base_source, done_rounds, part_dir, round_dir, round_seed, round_start, select_prompts
+from .plan import (PARTS, RoundStart, base_source, done_rounds, part_dir, rel_path, round_dir, round_seed, round_start,
+                   select_prompts)
 
 
 class RoundCacheStage(CacheTeacherStage):
@@ -48,8 +49,12 @@ class RoundCacheStage(CacheTeacherStage):
 
     def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
         # no disk-space estimate: pipeline/estimate.py sizes the base cache's source, not a round's answers
+        from ...models.engines.forcing import vllm_problems
+        from ...pipeline.cache_plan import cache_spec
+
         c = cfg.cache_teacher
-        return engine_installed(c.engine, "cache_teacher.engine") or teacher_preflight(cfg, c.engine)
+        return (engine_installed(c.engine, "cache_teacher.engine") or teacher_preflight(cfg, c.engine)
+                or (vllm_problems(cache_spec(cfg)) if c.engine == "vllm" else []))
 
 
 def tokenizer_problems(cfg: LlavadiConfig, generator: Path) -> list[str]:
@@ -95,7 +100,7 @@ def train_round(run_dir: Path, cfg: LlavadiConfig, start: RoundStart, seed: int,
     rcfg = round_config(cfg, seed)
     cont = Continuation(sources, start.init, cache["fingerprint"], rcfg.train_student.lr,
                         {"round": r, "mix": cfg.on_policy.mix, "base_prompts_sha256": digest(sorted(base_ids)),
-                         "init": str(start.init) if start.init else None, "previous": start.previous})
+                         "init": rel_path(start.init, run_dir) if start.init else None, "previous": start.previous})
     return train(run_dir, rcfg, force=force, progress=progress, out_dir=run_dir / part_dir(r, "train_student"),
                  cont=cont)
 
@@ -140,6 +145,9 @@ def run_on_policy(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = Fals
     run_dir = Path(run_dir)
     if not cfg.teacher.model:
         raise StageError("on-policy: no teacher: set teacher.model=DIR (the teacher that made the base cache)")
+    refused = GenerateStage.engine_problems(cfg)
+    if refused:
+        raise StageError("\n".join(refused))
     out = []
     for r in range(1, cfg.on_policy.rounds + 1):
         if progress:
