@@ -15,8 +15,8 @@ not (it hit ``max_new_tokens``) replaces the span but the template's stop token:
 end of turn the template writes after any answer, and the student is trained on its sampled tokens only
 (the stop token is a prompt row, not an answer row).
 
-A sampled answer the format cannot hold is the record's ``Reject``: ``empty_generation`` (no tokens, or only
-whitespace before its stop), ``token_out_of_vocab`` (an id past the tokenizer: a padded head row),
+A sampled answer the format cannot hold is the record's ``Reject``: ``empty_generation`` (no tokens at all; an
+answer that is only its stop token is kept), ``token_out_of_vocab`` (an id past the tokenizer: a padded head row),
 ``special_token_in_answer`` (a special or image token anywhere but a final stop token), and the text checks of
 ``ModelAdapter.conversation`` on the decoded text (``special_token_in_text``, ``image_placement``,
 ``token_mismatch``).
@@ -61,10 +61,9 @@ def answer_text(adapter: ModelAdapter, ids: Sequence[int]) -> str:
     if hit:
         raise Reject("special_token_in_answer", f"the answer holds the special token(s) "
                                                 f"{adapter.tokenizer.convert_ids_to_tokens(hit[:5])} before its end")
-    text = adapter.tokenizer.decode(body, skip_special_tokens=False).strip()
-    if not text:
-        raise Reject("empty_generation", "the answer holds no text before its stop token")
-    return text
+    # may be "": an answer that is only its stop token is an answer (the teacher tells the student not to stop
+    # there); the template still writes its end of turn, which the answer's ids replace
+    return adapter.tokenizer.decode(body, skip_special_tokens=False).strip()
 
 
 def splice(ids: Sequence[int], spans: Sequence[tuple[int, int]], answers: Sequence[Sequence[int]],

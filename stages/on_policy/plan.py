@@ -64,7 +64,7 @@ def base_source(run_dir: Path) -> str:
     index = Path(run_dir) / "cache_teacher" / "index.json"
     if not index.exists():
         raise StageError(f"on-policy: {run_dir} has no finished teacher cache: run `llavadi cache-teacher {run_dir}` first")
-    return json.loads(index.read_text()).get("source", "regenerate")
+    return json.loads(index.read_text())["meta"].get("source", "regenerate")
 
 
 def select_prompts(run_dir: Path, cfg: LlavadiConfig, r: int) -> tuple[list[str], list[str]]:
