@@ -32,7 +32,13 @@ STAGE_COMMAND = {
     "cache_teacher": "cache-teacher",
     "train_student": "train-student",
     "eval": "eval",
+    "on_policy": "on-policy",  # every part of every round (on_policy/round_<r>/<part>/): command_for
 }
+
+
+def command_for(stage_dir: str) -> str:
+    """The CLI command that (re)makes a run-dir stage directory (``on_policy/round_2/generate`` → ``on-policy``)."""
+    return STAGE_COMMAND.get(stage_dir.split("/")[0], stage_dir)
 
 
 class CorruptShardError(RuntimeError):
@@ -111,7 +117,7 @@ class StageDir:
         if problem:
             raise CorruptShardError(
                 f"shard file {path} {problem}. Delete {self.done_file(i)} and rerun "
-                f"`llavadi {STAGE_COMMAND.get(self.name, self.name)}` on this run: it rebuilds only that shard "
+                f"`llavadi {command_for(self.name)}` on this run: it rebuilds only that shard "
                 f"(then rerun the stages after it).")
 
     def is_done(self, i: int, fingerprint: str) -> bool:

@@ -23,7 +23,7 @@ from . import atomic
 from .config import LlavadiConfig, changed_keys, dump_yaml, fingerprint
 from .executors import make_executor
 from .locks import StageLock
-from .rundir import STAGE_COMMAND, StageDir
+from .rundir import StageDir, command_for
 from .stage import ShardResult, ShardTask, Stage, StageContext, StageError  # noqa: F401 - StageError: re-exported
 
 
@@ -63,7 +63,7 @@ def upstream_fingerprint(stage: Stage, run_dir: Path, cfg: LlavadiConfig) -> Opt
         return None
     up = StageDir(run_dir, upstream)
     m = up.read_manifest()
-    cmd = STAGE_COMMAND.get(upstream, upstream)
+    cmd = command_for(upstream)
     if m is None:
         raise StageError(f"{stage.name} reads {up.path}, which does not exist yet: "
                          f"run `llavadi {cmd} {run_dir}` first")

@@ -28,7 +28,7 @@ from llavadi.pipeline.rundir import STAGE_COMMAND, StageDir
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
-STAGES = ["ingest", "regenerate", "cache-teacher", "train-student", "eval"]
+STAGES = ["ingest", "regenerate", "cache-teacher", "train-student", "eval", "on-policy"]
 COMMON_OPTS = ["--config", "--executor", "--ray-address", "--force", "--dry-run"]
 STALE = "README.md is stale: run `make docs` (python -m llavadi.pipeline.config_doc) and commit the result"
 

@@ -98,7 +98,7 @@ class GenerateStage:
             op.pop(k)
         return {"on_policy": op, "round": self.start.r, "round_seed": self.seed, "generator": self.generator(cfg, run_dir),
                 "previous": self.start.previous, "prompts_sha256": self.prompts_sha256,
-                "max_model_len": cfg.teacher.max_model_len, "image_root": cfg.ingest.image_root}
+                "max_model_len": cfg.teacher.max_model_len, "dtype": cfg.teacher.dtype, "image_root": cfg.ingest.image_root}
 
     def resources(self, cfg: LlavadiConfig) -> dict:
         t = cfg.teacher  # the student is served like the teacher: one engine per actor

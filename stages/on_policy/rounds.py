@@ -37,6 +37,12 @@ from .plan import (PARTS, RoundStart, base_source, done_rounds, part_dir, rel_pa
                    select_prompts)
 
 
+# the vLLM forcer sends each conversation as its text's tokens (models/engines/forcing.py), not the sampled ids
+VLLM_CACHE = ("cache_teacher.engine=vllm cannot score a round's answers yet (the vLLM forcer sends the rendered text, "
+              "whose tokens may differ from the student's sampled ids): set cache_teacher.engine=hf for on-policy "
+              "rounds (the base cache may have been made with vLLM)")
+
+
 class RoundCacheStage(CacheTeacherStage):
     """cache-teacher over round ``r``'s ``generate/`` into its ``cache_teacher/``."""
 
@@ -49,12 +55,10 @@ class RoundCacheStage(CacheTeacherStage):
 
     def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
         # no disk-space estimate: pipeline/estimate.py sizes the base cache's source, not a round's answers
-        from ...models.engines.forcing import vllm_problems
-        from ...pipeline.cache_plan import cache_spec
-
         c = cfg.cache_teacher
-        return (engine_installed(c.engine, "cache_teacher.engine") or teacher_preflight(cfg, c.engine)
-                or (vllm_problems(cache_spec(cfg)) if c.engine == "vllm" else []))
+        if c.engine == "vllm":
+            return [VLLM_CACHE]
+        return engine_installed(c.engine, "cache_teacher.engine") or teacher_preflight(cfg, c.engine)
 
 
 def tokenizer_problems(cfg: LlavadiConfig, generator: Path) -> list[str]:
@@ -113,7 +117,9 @@ def run_round(run_dir: Path, cfg: LlavadiConfig, r: int, *, force: bool = False,
     start = round_start(run_dir, cfg, r)
     problems = tokenizer_problems(cfg, start.generator)
     base = StageDir(run_dir, "cache_teacher").read_manifest() or {}
-    diff = changed_keys(base.get("material", {}), RoundCacheStage(r).material(cfg, run_dir))
+    # the engine changes the values by float noise only, not the fields (a vLLM-made base cache is fine)
+    diff = [k for k in changed_keys(base.get("material", {}), RoundCacheStage(r).material(cfg, run_dir))
+            if k != "cache_teacher.engine"]
     if diff:  # one stream, one set of fields: a round cache made otherwise could not be batched with the base cache
         problems.append(f"on-policy: the teacher cache settings differ from those of the base cache "
                         f"{run_dir / 'cache_teacher'} (changed: {', '.join(diff)}): a round's cache must hold the same "
@@ -145,7 +151,7 @@ def run_on_policy(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = Fals
     run_dir = Path(run_dir)
     if not cfg.teacher.model:
         raise StageError("on-policy: no teacher: set teacher.model=DIR (the teacher that made the base cache)")
-    refused = GenerateStage.engine_problems(cfg)
+    refused = GenerateStage.engine_problems(cfg) + ([VLLM_CACHE] if cfg.cache_teacher.engine == "vllm" else [])
     if refused:
         raise StageError("\n".join(refused))
     out = []
