@@ -371,3 +371,20 @@ def test_vllm_engine_is_refused_before_work(base, tmp_path):
     with pytest.raises(StageError, match="on_policy.engine=hf"):
         run_on_policy(run, config(run, "on_policy.engine=vllm"), progress=False)
     assert not (run / "on_policy").exists()
+
+
+def test_a_lora_student_continues_through_a_round(cached_run, tmp_path):
+    """LoRA: round 1 answers with train-student's merged final student and continues its adapter state; the
+    round's last checkpoint holds the adapter and the merged student again."""
+    from llavadi.stages.on_policy.rounds import run_on_policy
+
+    run = tmp_path / "run"
+    shutil.copytree(cached_run[0], run)
+    lora = ["train_student.lora.enabled=true", "train_student.lora.rank=4"]
+    cli("train-student", run, "--student", cached_run[1], "--executor", "local", *TRAIN, *lora, "train_student.max_steps=1")
+    (info,) = run_on_policy(run, config(run, *lora, "on_policy.prompts_per_round=8"), progress=False)
+    final = Path(info["final_checkpoint"])
+    assert info["steps"] == 1 + info["samples"] // 4
+    assert (final / "adapter" / "adapter_model.safetensors").exists() and (final / "model.safetensors").exists()
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["round_start_step"] == 1 and state["global_step"] == info["steps"]
