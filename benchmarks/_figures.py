@@ -82,7 +82,7 @@ def _verdict(value: float, target: str) -> str:
 
 def render(results: dict) -> str:
     m = results.get("machine", {})
-    lines = [f"Measured {results.get('timestamp', '?')} by `make bench` on {m.get('nproc')} CPU core(s), "
+    lines = [f"Measured {_when(results)} by `make bench` on {m.get('nproc')} CPU core(s), "
              f"{m.get('cpu_model')}, {m.get('mem_total_gb')} GiB, Python {m.get('python')}; "
              f"max 1-min load average during the runs: {_max_load(results)}.", "",
              "| figure | measured | target | script |", "|---|---|---|---|"]
@@ -95,6 +95,19 @@ def render(results: dict) -> str:
             shown = "—" + (f" ({res['error']})" if "error" in res else "")
         lines.append(f"| {label} | {shown} | {target} | `benchmarks/{script}.py` |")
     return "\n".join(lines)
+
+
+def _when(results: dict) -> str:
+    """The run's timestamp, or, where scripts were rerun alone (``run_all.py --only``, merged into the results
+    file), each date with its scripts: ``measured_at`` of a script's section, else the file's ``timestamp``."""
+    top = str(results.get("timestamp", "?"))
+    dates: dict = {}
+    for name, r in results.items():
+        if isinstance(r, dict) and name not in ("machine", "runtimes_s"):
+            dates.setdefault(str(r.get("measured_at", top))[:10], []).append(name)
+    if len(dates) <= 1:
+        return top
+    return "; ".join(f"{', '.join(names)}: {d}" for d, names in sorted(dates.items())) + " —"
 
 
 def _max_load(results: dict):
