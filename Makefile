@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llavadi-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo demo-teacher bench docs clean-venv
+.PHONY: setup test demo demo-study demo-teacher bench docs clean-venv
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ test: setup
 demo: setup
 	$(VENV)/bin/llavadi demo
 	$(PY) -m llavadi.stages.demo.report demo README.md
+
+# the LLAVADI study's ablation grid on the demo task (about 45 min on 2 cores); rewrites the README's study block
+demo-study: setup
+	$(VENV)/bin/llavadi demo --study
+	$(PY) -m llavadi.stages.demo.study demo README.md
 
 # rebuild the demo's shipped teacher (assets/demo_teacher, about 25 min on 2 cores); commit the result
 demo-teacher: setup

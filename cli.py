@@ -333,6 +333,37 @@ def eval_cmd(common: Common,
 
 
 @app.command()
+def sweep(run: Path = typer.Argument(..., help="run directory holding the teacher cache every arm trains from",
+                                     callback=_run_dir, metavar="RUN"),
+          arms: Path = typer.Option(..., "--arms", metavar="FILE",
+                                    help="YAML: `arms:` name → train_student overrides (and an optional `base:`)"),
+          data: Optional[str] = typer.Option(None, "--data", metavar="FILE",
+                                             help="held-out questions each arm is scored on (accuracy; eval.data)"),
+          cache: Optional[str] = typer.Option(None, "--cache", metavar="DIR",
+                                              help="held-out teacher cache each arm is scored on (KL, perplexity)"),
+          seeds: int = typer.Option(1, "--seeds", metavar="N", help="seeds per arm (train_student.seed + 0..N-1)"),
+          executor: Optional[str] = typer.Option(None, "--executor", metavar="NAME", callback=_executor,
+                                                 help="ray: arms as Ray tasks (one GPU each where there are GPUs); "
+                                                      "local: one after another (default: run.executor)"),
+          ray_address: Optional[str] = typer.Option(None, "--ray-address", metavar="ADDR",
+                                                    help="join this Ray cluster (as run.ray_address)")) -> None:
+    """Train many students from RUN's one cache into RUN/sweep/<arm>/seed<k>/, score each, compare them."""
+    from .stages.sweep import run_sweep
+    from .stages.sweep_report import summarise, table
+
+    try:
+        cfg = resolve(run)
+        out = run_sweep(run, arms, seeds=seeds, data=data, cache=cache, executor=executor or cfg.run.executor,
+                        ray_address=ray_address or cfg.run.ray_address, progress=_progress())
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except (StageError, LockedError) as e:
+        _fail(str(e), 2)
+    typer.echo(table(summarise(out["results"], list(out["arms"]))))
+    typer.echo(f"sweep: {len(out['results'])} students → {run / 'sweep' / 'results.json'}, report.md, report.png")
+
+
+@app.command()
 def status(run: Path = typer.Argument(..., help="run directory", callback=_run_dir, metavar="RUN"),
            as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Per stage: shards done/total, samples in/out/rejected (by reason)."""
@@ -348,6 +379,9 @@ def demo(run_dir: Path = typer.Option(Path("demo"), "--run-dir", metavar="DIR", 
          rebuild_teacher: bool = typer.Option(False, "--rebuild-teacher",
                                               help="build the demo teacher in RUN_DIR/teacher (about 20 min on 2 cores) "
                                                    "instead of using the shipped one"),
+         study: bool = typer.Option(False, "--study", help="the LLAVADI study's ablation grid "
+                                                          "(configs/sweeps/llavadi_study.yaml) through `llavadi sweep` "
+                                                          "instead of the five arms (about 45 min on 2 cores)"),
          profile: Optional[str] = typer.Option(None, "--profile", hidden=True, help="default | quick | smoke"),
          executor: Optional[str] = typer.Option(None, "--executor", metavar="NAME", callback=_executor,
                                                 help=_key_help("run.executor") + ", for every stage")) -> None:
@@ -355,9 +389,13 @@ def demo(run_dir: Path = typer.Option(Path("demo"), "--run-dir", metavar="DIR", 
     (offline), with the study's ablation arms; prints a table and writes RUN_DIR/report.md,
     report.png and results.json."""
     from .stages.demo.run import run_demo
+    from .stages.demo.study import run_study
 
     try:
-        run_demo(run_dir, quick=quick, executor=executor or "ray", profile=profile, rebuild_teacher=rebuild_teacher)
+        if study:
+            run_study(run_dir, executor=executor or "ray", profile=profile, rebuild_teacher=rebuild_teacher)
+        else:
+            run_demo(run_dir, quick=quick, executor=executor or "ray", profile=profile, rebuild_teacher=rebuild_teacher)
     except (StageError, LockedError, ConfigError) as e:
         _fail(str(e), 2)
     except StageFailed as e:

@@ -44,3 +44,32 @@ def emit(result: dict, out: str | None) -> int:
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result), flush=True)
     return 0
+
+
+# The child's own peak: VmHWM of its address space after execve, which the child writes at exit. Not
+# wait4's ru_maxrss: Linux carries the spawning process's RSS high-water mark across fork + execve into
+# the child's ru_maxrss (a child of a benchmark process that held GBs reports GBs whatever it does).
+PEAK_LAUNCHER = """import atexit, runpy, sys
+out = sys.argv.pop(1)
+def peak():
+    kb = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    open(out, "w").write(kb)
+atexit.register(peak)
+runpy.run_module("llavadi.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_cli_peak(args: list, log_dir, env: dict) -> dict:
+    """``python -m llavadi.cli *args`` in a child process (through :data:`PEAK_LAUNCHER`), run by
+    ``benchmarks/ingest.run_measured`` (stdout/stderr into ``log_dir``; raises on a non-zero exit).
+    Returns ``wall_s``, ``peak_rss_mb`` = the child's own ``VmHWM`` at exit, ``tree_rss_polled_mb`` = the
+    process tree's RSS polled every 0.05 s, and the child's ``stdout``."""
+    import sys
+    from pathlib import Path
+
+    from ingest import run_measured  # benchmarks/ingest.py
+
+    hwm = Path(log_dir) / "vmhwm_kb"
+    r = run_measured([sys.executable, "-c", PEAK_LAUNCHER, str(hwm), *map(str, args)], Path(log_dir), env)
+    return {"wall_s": r["wall_s"], "peak_rss_mb": int(hwm.read_text()) / 1024,
+            "tree_rss_polled_mb": r["tree_rss_polled_mb"], "stdout": r["stdout"]}

@@ -58,11 +58,21 @@ FIGURES = [
      "{:.3f}"),
     ("train_student", "kd_step_ratio_tiny_exact", "train step exact KD ÷ CE-only, tiny student (teacher head "
      "larger than the student)", "reported", "{:.3f}"),
+    ("train_student", "kd_step_ratio_mid_all_topk", "train step all-token top-k KD + all-token feature ÷ CE-only "
+     "(llavadi's CE: the head at the answer rows only), ≈107M student", "≤ 1.10", "{:.3f}"),
+    ("train_student", "kd_step_ratio_mid_all_topk_vs_hf_ce", "… ÷ CE-only with logits at every position "
+     "(transformers' `labels=` loss, as LLaVA trains)", "≤ 1.10", "{:.3f}"),
+    ("train_student", "kd_step_ratio_mid_all_exact", "train step all-token exact KD + all-token feature ÷ CE-only, "
+     "≈107M student", "reported", "{:.3f}"),
     ("train_student", "loader_over_trainer_w0", "loader ÷ trainer samples/s (0 workers)", "≥ 5", "{:.2f}"),
     ("train_student", "gc_mem_ratio", "train step peak memory with ÷ without gradient checkpointing, ≈107M "
      "student, batch 16", "reported", "{:.3f}"),
     ("train_student", "kd_mem_ratio_fused_over_naive", "exact-KD peak memory ÷ naive full logits, N 4096, "
      "V 32000 (the loop's fused path)", "≤ 0.25", "{:.3f}"),
+    ("train_student", "kd_mem_ratio_all_exact_over_naive", "all-token exact-KD loss peak memory ÷ naive full "
+     "logits, ≈107M student's rows of a `positions=all` cache", "≤ 0.25", "{:.3f}"),
+    ("train_student", "rss_ratio_10x", "train-student peak RSS streaming 10× ÷ 1× the cached samples "
+     "(all-token KD + feature)", "≤ 1.1", "{:.3f}"),
 ]
 TARGET = re.compile(r"^(≤|≥) ([0-9.]+)$")
 
@@ -77,7 +87,7 @@ def _verdict(value: float, target: str) -> str:
 
 def render(results: dict) -> str:
     m = results.get("machine", {})
-    lines = [f"Measured {results.get('timestamp', '?')} by `make bench` on {m.get('nproc')} CPU core(s), "
+    lines = [f"Measured {_when(results)} by `make bench` on {m.get('nproc')} CPU core(s), "
              f"{m.get('cpu_model')}, {m.get('mem_total_gb')} GiB, Python {m.get('python')}; "
              f"max 1-min load average during the runs: {_max_load(results)}.", "",
              "| figure | measured | target | script |", "|---|---|---|---|"]
@@ -90,6 +100,19 @@ def render(results: dict) -> str:
             shown = "—" + (f" ({res['error']})" if "error" in res else "")
         lines.append(f"| {label} | {shown} | {target} | `benchmarks/{script}.py` |")
     return "\n".join(lines)
+
+
+def _when(results: dict) -> str:
+    """The run's timestamp, or, where scripts were rerun alone (``run_all.py --only``, merged into the results
+    file), each date with its scripts: ``measured_at`` of a script's section, else the file's ``timestamp``."""
+    top = str(results.get("timestamp", "?"))
+    dates: dict = {}
+    for name, r in results.items():
+        if isinstance(r, dict) and name not in ("machine", "runtimes_s"):
+            dates.setdefault(str(r.get("measured_at", top))[:10], []).append(name)
+    if len(dates) <= 1:
+        return top
+    return "; ".join(f"{', '.join(names)}: {d}" for d, names in sorted(dates.items())) + " —"
 
 
 def _max_load(results: dict):

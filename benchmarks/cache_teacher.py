@@ -121,7 +121,7 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _common import emit, machine_info as _common_machine_info  # noqa: E402
+from _common import emit, machine_info as _common_machine_info, run_cli_peak  # noqa: E402
 
 import argparse
 import json
@@ -576,25 +576,10 @@ def bytes_study(work: Path, name: str, samples: list[dict], forcer, seed: int = 
 
 # --------------------------------------------------------------------------- (d) memory
 
-# The child's own peak: VmHWM of its address space after execve, which the child writes at exit. Not
-# wait4's ru_maxrss: Linux carries the spawning process's RSS high-water mark across fork + execve into
-# the child's ru_maxrss (a child of this process, GBs after the 164M model, reports 2 GB whatever it does).
-PEAK_LAUNCHER = """import atexit, runpy, sys
-out = sys.argv.pop(1)
-def peak():
-    kb = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    open(out, "w").write(kb)
-atexit.register(peak)
-runpy.run_module("llavadi.cli", run_name="__main__", alter_sys=True)
-"""
-
-
 def rss_study(work: Path, model_dir: Path, n: int, shard_size: int) -> dict:
     """(d): ``llavadi cache-teacher`` (``positions=all``, local executor) in a subprocess on ``n`` and
-    ``10 n`` conversations; peak RSS of each child = its ``VmHWM`` at exit (:data:`PEAK_LAUNCHER`), the
-    process tree's RSS polled every 0.05 s beside it (``run_measured`` of ``benchmarks/ingest.py``)."""
-    from ingest import run_measured  # benchmarks/ingest.py
-
+    ``10 n`` conversations; peak RSS of each child = its ``VmHWM`` at exit, the process tree's RSS polled every
+    0.05 s beside it (``_common.run_cli_peak``)."""
     from llavadi.pipeline.rundir import StageDir
     from llavadi.schemas.teacher_cache import KINDS, read_index
 
@@ -602,10 +587,8 @@ def rss_study(work: Path, model_dir: Path, n: int, shard_size: int) -> dict:
     for mult in (1, 10):
         d = work / f"rss-{mult}x"
         run, _root, kinds = make_run(d, n * mult, shard_size)
-        hwm = d / "vmhwm_kb"
-        cmd = [sys.executable, "-c", PEAK_LAUNCHER, str(hwm), "cache-teacher", str(run), "--teacher", str(model_dir),
-               "--executor", "local", "cache_teacher.source=data", "cache_teacher.positions=all"]
-        r = run_measured(cmd, d, _env())
+        r = run_cli_peak(["cache-teacher", run, "--teacher", model_dir, "--executor", "local", "cache_teacher.source=data",
+                          "cache_teacher.positions=all"], d, _env())
         sd = StageDir(run, "cache_teacher")
         done = [sd.read_done(i)["counts"] for i in sd.done_indices()]
         meta = read_index(sd.path)["meta"]
@@ -613,7 +596,7 @@ def rss_study(work: Path, model_dir: Path, n: int, shard_size: int) -> dict:
                            "samples": sum(c["out"] for c in done), "shard_rows": sum(c["rows"] for c in done),
                            "rows_by_kind": {k: sum(c["rows_by_kind"][k] for c in done) for k in KINDS},
                            "images_stored": meta["image_rows"]["images"], "wall_s": round(r["wall_s"], 1),
-                           "peak_rss_mb": round(int(hwm.read_text()) / 1024, 1),
+                           "peak_rss_mb": round(r["peak_rss_mb"], 1),
                            "tree_rss_polled_mb": round(r["tree_rss_polled_mb"], 1)}
         log(f"rss {mult}x: {res[f'{mult}x']}")
         shutil.rmtree(d, ignore_errors=True)

@@ -237,12 +237,27 @@ class CacheTeacherConfig:
 
 @dataclass
 class KDConfig:
-    kind: Literal["fkl", "rkl", "jsd"] = "fkl"  # forward KL (the study's), reverse KL, generalized JSD
+    """The logit-distillation term (``stages/train_student/terms.py``: KD)."""
+
+    # fkl: forward KL (the study's); rkl: reverse KL; jsd: generalized JSD; tvd: total variation; mse: MSE on the
+    # logits (the study's mse_distill; needs source=exact)
+    kind: Literal["fkl", "rkl", "jsd", "tvd", "mse"] = "fkl"
     beta: float = 0.5  # JSD mixture weight (TRL convention: 0 → forward KL, 1 → reverse KL)
     temperature: float = 1.0  # the loss is multiplied by T² (Hinton)
-    exact: bool = False  # full vocabulary from cached hidden + teacher head (chunked), not top-k + tail
+    # rows KD reads: answer (the study's default), text (+ prompt/system positions), all (+ image positions: the
+    # study's align_logits_all, LLaVA-KD's visual-token KD); the cache must hold them (cache_teacher.positions)
+    positions: Literal["answer", "text", "all"] = "answer"
+    # topk: the cached top-k + one tail bucket; exact: full vocabulary from the cached hidden + teacher head
+    # (chunked); sampled: the RS-KD estimate from the cached sampled tokens (cache_teacher.logits=sampled)
+    source: Literal["topk", "exact", "sampled"] = "topk"
+    exact: bool = False  # the older spelling of source=exact (kept working)
     standardize: bool = False  # logit standardization (Sun et al. 2024)
-    chunk_size: int = 512  # answer tokens per chunk on the exact path (peak ≈ chunk/N of the naive loss; 512 meets ≤ 0.25 from N ≈ 2k)
+    chunk_size: int = 512  # rows per chunk on the exact path (peak ≈ chunk/N of the naive loss; 512 meets ≤ 0.25 from N ≈ 2k)
+
+    @property
+    def resolved_source(self) -> str:
+        """``source``, with the older ``exact: true`` read as ``source: exact``."""
+        return "exact" if self.exact else self.source
 
     def validate(self) -> list[str]:
         p = []
@@ -252,16 +267,41 @@ class KDConfig:
             p.append("train_student.kd.temperature must be > 0")
         if self.chunk_size < 1:
             p.append("train_student.kd.chunk_size must be >= 1")
+        if self.exact and self.source not in ("topk", "exact"):
+            p.append(f"train_student.kd.exact=true (the older spelling of kd.source=exact) contradicts "
+                     f"kd.source={self.source}: set only train_student.kd.source")
+        src = self.resolved_source
+        if self.kind == "mse" and src != "exact":
+            p.append("train_student.kd.kind=mse (MSE on the logits) needs the full logits: set train_student.kd.source=exact")
+        if self.kind == "mse" and self.temperature != 1.0:
+            p.append("train_student.kd.kind=mse compares logits directly: train_student.kd.temperature must be 1")
+        if src == "sampled" and (self.kind != "fkl" or self.temperature != 1.0 or self.standardize):
+            p.append("train_student.kd.source=sampled (RS-KD) estimates the teacher's distribution from its sampled "
+                     "tokens: only kind=fkl at temperature 1 without standardize (a tempered, standardized or "
+                     "student-weighted divergence needs the teacher's full row; use source=topk or exact)")
         return p
 
 
 @dataclass
 class FeatureConfig:
+    """The hidden-state feature term (``stages/train_student/terms.py``: FEAT), one per layer pair."""
+
     kind: Literal["mse", "cosine"] = "mse"  # distance between projector(student hidden) and the teacher hidden
-    projector: Literal["mlp", "linear"] = "mlp"  # mlp = Linear-GELU-Linear (the study's)
+    # none: identity (student and teacher widths must be equal); linear; mlp = Linear-GELU-Linear (the study's)
+    projector: Literal["none", "linear", "mlp"] = "mlp"
+    positions: Literal["answer", "text", "all"] = "answer"  # rows the term reads (the study's final recipe: all)
+    # [student_layer, teacher_layer] pairs, as output_hidden_states indexes them (-1 = the final post-norm state);
+    # the cache must hold each teacher layer (cache_teacher.hidden_layers); one projector per pair
+    layers: list[list[int]] = field(default_factory=lambda: [[-1, -1]])
 
     def validate(self) -> list[str]:
-        return []
+        p = []
+        if not self.layers or any(len(pair) != 2 for pair in self.layers):
+            p.append(f"train_student.feature.layers must be a list of [student_layer, teacher_layer] pairs, "
+                     f"got {self.layers}")
+        elif len({tuple(x) for x in self.layers}) != len(self.layers):
+            p.append(f"train_student.feature.layers lists a pair twice: {self.layers}")
+        return p
 
 
 @dataclass
@@ -302,9 +342,17 @@ class TrainStudentConfig:
 
     student: Optional[str] = None  # save_pretrained directory of the initial student (with processor)
     prompt_format: str = "auto"  # the student's prompts: auto | llava_v1 | PATH.jinja (as teacher.prompt_format)
-    ce_weight: float = 1.0  # loss = ce_weight·CE + kd_weight·KD + feature_weight·FEAT on answer tokens
+    # loss = ce_weight·CE + kd_weight·KD + feature_weight·Σ FEAT[pair] + affinity_weight·AFFINITY (terms.py)
+    ce_weight: float = 1.0  # cross-entropy at the answer tokens (train_student.ce_target)
     kd_weight: float = 1.0  # logit KD (train_student.kd)
-    feature_weight: float = 1.0  # hidden-state feature loss (train_student.feature)
+    feature_weight: float = 1.0  # hidden-state feature loss (train_student.feature), each layer pair
+    # MSE between the student's and the teacher's image x answer cosine blocks of final hidden states (the study's
+    # align_affinity; needs cache_teacher.affinity=true and the same image-token count in student and teacher)
+    affinity_weight: float = 0.0
+    ce_target: Literal["label", "teacher_argmax"] = "label"  # CE against the data's tokens or the teacher's argmax
+    # token: each term is the mean over its rows in the global batch; sample: the mean over each sample's rows,
+    # then over the samples (the study's code: per-sample losses / batch size)
+    reduction: Literal["token", "sample"] = "token"
     kd: KDConfig = field(default_factory=KDConfig)
     feature: FeatureConfig = field(default_factory=FeatureConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -355,8 +403,11 @@ class TrainStudentConfig:
             p.append("train_student.epochs must be >= 1 and max_steps >= 0")
         if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size or self.batch_size % self.micro_batch_size:
             p.append("train_student.batch_size must be a multiple of micro_batch_size (>= 1)")
-        if min(self.ce_weight, self.kd_weight, self.feature_weight) < 0:
+        p += self.feature.validate()
+        if min(self.ce_weight, self.kd_weight, self.feature_weight, self.affinity_weight) < 0:
             p.append("train_student loss weights must be >= 0")
+        if max(self.ce_weight, self.kd_weight, self.feature_weight, self.affinity_weight) == 0:
+            p.append("train_student: every loss weight is 0 — nothing to train on")
         if self.shuffle_buffer < 1 or self.num_workers < 0 or self.save_every_steps < 1 or self.keep_checkpoints < 1:
             p.append("train_student: shuffle_buffer, save_every_steps, keep_checkpoints must be >= 1, num_workers >= 0")
         return p

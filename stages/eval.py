@@ -337,14 +337,20 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], reje
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from ..schemas.teacher_cache import read_index
+    from ..schemas.teacher_cache.fields import POSITIONS
     from .train_student import losses
+    from .train_student.batch import CollatePlan, row_key
     from .train_student.data import StepDataset, stream_samples, student_tokens
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     st = student_tokens(model_dir, prompt_format)
     run_dir = Path(cache_dir).parent
+    have = {f["name"] for f in read_index(cache_dir)["meta"].get("fields", [])}
+    teacher = ("topk_ids", "topk_logprobs") if "topk_ids" in have else ("hidden",) if "hidden" in have else ()
+    answer = POSITIONS["answer"]  # KL and perplexity at the answer tokens, whatever rows the cache keeps
     ds = StepDataset(run_dir, st, image_root, batch_size=1, micro_batch_size=1, rank=0, world=1, seed=0, epoch=0,
-                     shuffle_buffer=1)
+                     shuffle_buffer=1, plan=CollatePlan(((answer, ("kind", "token_ids") + teacher),)))
     kl = ce = 0.0
     n = samples = 0
     rejects = [] if rejects is None else rejects
@@ -359,22 +365,23 @@ def cache_scores(model_dir: str, cache_dir: str, image_root: Optional[str], reje
         samples += len(mb["sample_ids"])
         if not mb["sample_ids"]:
             return
+        s = mb["sets"][row_key(answer)]
         with torch.inference_mode():
             out = model.model(**mb["inputs"])
-            h = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[mb["rows"]]
+            h = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[s["rows"]]
             logits = model.get_output_embeddings()(h).float()
-            ce += float(torch.nn.functional.cross_entropy(logits, mb["targets"], reduction="sum"))
-            if "t_topk_ids" in mb:
+            ce += float(torch.nn.functional.cross_entropy(logits, s["token_ids"], reduction="sum"))
+            if "topk_ids" in s:
                 kl_from = "topk"
-                kl += float(losses.topk_kd_loss(logits, mb["t_topk_ids"], mb["t_topk_logprobs"], reduction="sum"))
-            elif "t_hidden" in mb and head_t is not None and head_t["weight"].shape[0] == logits.shape[1]:
+                kl += float(losses.topk_kd_loss(logits, s["topk_ids"], s["topk_logprobs"], reduction="sum"))
+            elif "hidden" in s and head_t is not None and head_t["weight"].shape[0] == logits.shape[1]:
                 kl_from = "exact"
-                t = mb["t_hidden"].float() @ head_t["weight"].float().T
+                t = s["hidden"].float() @ head_t["weight"].float().T
                 if head_t.get("bias") is not None:
                     t = t + head_t["bias"].float()
                 kl += float(torch.nn.functional.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(t, -1),
                                                        log_target=True, reduction="sum"))
-        n += len(mb["targets"])
+        n += len(s["token_ids"])
 
     # images checked against their recorded sha256 here, once; collate reads them again (and drops a
     # sample whose image changed since: run() adds its reject)

@@ -290,3 +290,17 @@ def test_logits_only_cache_refuses_feature_loss_and_hidden_layers_on_vllm(sample
     shutil.copytree(sampled_cache, copy)
     p = cli("cache-teacher", copy, "--engine", "vllm", "cache_teacher.hidden_layers=[-1,2]", "--force", check=False)
     assert p.returncode != 0 and "pooling runner" in p.stderr and "cache_teacher.engine=hf" in p.stderr
+
+
+def test_a_student_trains_on_the_sampled_cache_at_every_position(sampled_cache, tmp_path):
+    """RS-KD end to end: KD from the sampled tokens at every position (image, prompt, answer rows)."""
+    from llavadi.stages.demo.tiny_models import STUDENT, build_tiny_llava
+
+    run = tmp_path / "run"
+    shutil.copytree(sampled_cache, run)
+    student = build_tiny_llava(tmp_path / "student", STUDENT)
+    cli("train-student", run, "--student", student, "train_student.kd.source=sampled", "train_student.kd.positions=all",
+        "train_student.feature_weight=0", "train_student.batch_size=4", "train_student.micro_batch_size=4",
+        "train_student.max_steps=2")
+    m = [json.loads(x) for x in (run / "train_student" / "metrics.jsonl").read_text().splitlines()]
+    assert len(m) == 2 and all(np.isfinite(r["kd"]) and r["kd"] > 0 for r in m)

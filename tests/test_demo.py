@@ -52,3 +52,28 @@ def test_demo_smoke_runs_every_arm_and_reuses_on_rerun(tmp_path):
     assert "building" not in p2.stdout and "generating" not in p2.stdout and "(0 run, 1 reused)" in p2.stdout
     strip = lambda rs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rs]  # noqa: E731
     assert strip(json.loads((root / "results.json").read_text())["results"]) == strip(res["results"])
+
+
+def test_demo_study_smoke_trains_every_arm_of_the_study_preset(tmp_path):
+    """``llavadi demo --study`` at smoke size: every arm of configs/sweeps/llavadi_study.yaml trained through
+    `sweep` from one cache holding every row kind, layers -1 and 2 and the affinity; the README block renders."""
+    import yaml
+
+    from llavadi.stages.demo.study import BEGIN, END, PRESET, update_readme
+
+    root = tmp_path / "demo"
+    cli("demo", "--run-dir", root, "--profile", "smoke", "--study", "--executor", "local", timeout=1800)
+    res = json.loads((root / "study_results.json").read_text())
+    arms = list(yaml.safe_load(PRESET.read_text())["arms"])
+    assert [r["arm"] for r in res["results"]] == arms and not any("skipped" in r for r in res["results"])
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["kl_to_teacher"] >= 0 for r in res["results"])
+    meta = json.loads((root / "runs" / "study" / "cache_teacher" / "index.json").read_text())["meta"]
+    assert (meta["positions"], meta["hidden_layers"], meta["affinity"]) == ("all", [-1, 2], True)
+    m = json.loads((root / "runs" / "study" / "sweep" / "feat-layers" / "seed0" / "metrics.jsonl")
+                   .read_text().splitlines()[-1])
+    assert {"feat[-1,-1]", "feat[1,2]"} <= set(m)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{BEGIN}\nold\n{END}\nb\n")
+    update_readme(readme, root)
+    text = readme.read_text()
+    assert "old" not in text and "| released |" in text and res["date"] in text

@@ -152,7 +152,7 @@ def test_a_launch_that_cannot_fit_is_refused_before_work_and_the_override_launch
 
 
 def test_dry_run_and_status_print_the_estimate(cached_run, tmp_path):
-    from llavadi.pipeline.estimate import estimate_cache, human
+    from llavadi.pipeline.estimate import estimate_cache
 
     run = _fresh(cached_run, tmp_path)
     cfg_before = (run / "config.yaml").read_bytes()

@@ -263,7 +263,7 @@ def test_each_freeze_flag_freezes_exactly_its_group(case, family_data, tmp_path_
     from transformers import AutoModelForImageTextToText
 
     from llavadi.models.adapter import ModelAdapter
-    from llavadi.stages.train_student.loop import frozen_parameters
+    from llavadi.stages.train_student.setup import frozen_parameters
 
     student = built(case, "student", tmp_path_factory)
     ad = ModelAdapter(student, "auto")

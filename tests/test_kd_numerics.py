@@ -316,7 +316,7 @@ def _tiny_step(loss_fn, nonfinite, max_grad_norm=1.0, state=None, ids=("s-0", "s
     from types import SimpleNamespace
 
     from llavadi.pipeline.runner import StageError
-    from llavadi.stages.train_student.loop import apply_update
+    from llavadi.stages.train_student.step import apply_update
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

@@ -177,6 +177,8 @@ def test_student_with_fewer_head_rows_trains(padded_run, cached_run, small_head,
     from transformers import AutoModelForImageTextToText
 
     from llavadi.schemas.teacher_cache import CacheReader
+    from llavadi.schemas.teacher_cache import POSITIONS
+    from llavadi.stages.train_student.batch import CollatePlan
     from llavadi.stages.train_student.data import StepDataset, stream_samples, student_tokens
     from llavadi.stages.train_student.losses import fused_head_loss
 
@@ -195,20 +197,22 @@ def test_student_with_fewer_head_rows_trains(padded_run, cached_run, small_head,
 
     st = student_tokens(str(small_head))
     items = [it for it in stream_samples(run0, st, image_root=str(root)) if (it["cache"]["topk_ids"] >= 32002).any()][:3]
+    plan = CollatePlan(((POSITIONS["answer"], ("kind", "token_ids", "topk_ids", "topk_logprobs")),))
     ds = StepDataset(run0, st, str(root), batch_size=1, micro_batch_size=1, rank=0, world=1, seed=0, epoch=0,
-                     shuffle_buffer=1)
+                     shuffle_buffer=1, plan=plan)
     mb = ds.collate(items)
+    s = mb["sets"]["2"]
     model = AutoModelForImageTextToText.from_pretrained(small_head, dtype=torch.float64).eval()
     inputs = {k: (v.double() if v.is_floating_point() else v) for k, v in mb["inputs"].items()}
     with torch.no_grad():
         logits = model(**inputs).logits  # the model's own forward over the full vocabulary
-        z = logits.reshape(-1, logits.shape[-1])[mb["rows"]]
+        z = logits.reshape(-1, logits.shape[-1])[s["rows"]]
         out = model.model(**inputs).last_hidden_state
-        h = out.reshape(-1, out.shape[-1])[mb["rows"]]
-        _, _, kd = fused_head_loss(h, model.get_output_embeddings().weight, targets=mb["targets"], ce_weight=0.0,
-                                   topk_ids=mb["t_topk_ids"], topk_logprobs=mb["t_topk_logprobs"].double())
-    assert z.shape[1] == 32002 and int((mb["t_topk_ids"] >= 32002).sum()) > 0
-    hand = hand_fkl(z.numpy(), mb["t_topk_ids"].numpy(), mb["t_topk_logprobs"].double().numpy(), 32002)
+        h = out.reshape(-1, out.shape[-1])[s["rows"]]
+        _, _, kd = fused_head_loss(h, model.get_output_embeddings().weight, targets=s["token_ids"], ce_weight=0.0,
+                                   topk_ids=s["topk_ids"], topk_logprobs=s["topk_logprobs"].double())
+    assert z.shape[1] == 32002 and int((s["topk_ids"] >= 32002).sum()) > 0
+    hand = hand_fkl(z.numpy(), s["topk_ids"].numpy(), s["topk_logprobs"].double().numpy(), 32002)
     assert float(kd) == pytest.approx(hand.sum(), rel=1e-9)
 
 

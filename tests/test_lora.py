@@ -132,7 +132,7 @@ def test_requires_grad_follows_freeze_flags(cached):
     from llavadi.models import family_of
     from llavadi.pipeline.config import load_config
     from llavadi.stages.train_student import lora
-    from llavadi.stages.train_student.loop import frozen_parameters
+    from llavadi.stages.train_student.setup import frozen_parameters
 
     fam = family_of(cached[1])
     for extra, full_prefixes in ((["train_student.freeze_projector=true", "train_student.freeze_vision=false"],
@@ -239,7 +239,7 @@ def test_family_default_targets_the_language_model_only(case, lm_prefix, vision_
     from llavadi.models import family_of
     from llavadi.pipeline.config import load_config
     from llavadi.stages.train_student import lora
-    from llavadi.stages.train_student.loop import frozen_parameters
+    from llavadi.stages.train_student.setup import frozen_parameters
 
     path = all_cases()[case](tmp_path / case, "student")
     fam = family_of(path)
@@ -266,7 +266,7 @@ def test_config_and_target_problems(cached):
     from llavadi.models import family_of
     from llavadi.pipeline.config import ConfigError, load_config
     from llavadi.stages.train_student import lora
-    from llavadi.stages.train_student.loop import material
+    from llavadi.stages.train_student.setup import material
 
     with pytest.raises(ConfigError) as e:
         load_config({}, ["train_student.lora.rank=0", "train_student.lora.alpha=0", "train_student.lora.dropout=1",

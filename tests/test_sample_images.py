@@ -173,26 +173,32 @@ def test_collate_and_gate_leave_out_late_rejects(cached_run, tmp_path):
     """In-process: a micro-batch drops the samples whose image changed since the stream; one that keeps no
     sample is skipped (one rank: the step goes on with the others; all empty: the step is skipped)."""
     from llavadi.stages.train_student import late
+    from llavadi.pipeline.config import load_config
+    from llavadi.stages.train_student.batch import CollatePlan
     from llavadi.stages.train_student.data import StepDataset, stream_samples, student_tokens
+    from llavadi.stages.train_student.terms import build_terms, row_sets
 
     run, student, root = cached_run
     new = image_copy(root, tmp_path / "imgs")
     st = student_tokens(str(student))
     items = [it for it in stream_samples(run, st, image_root=str(new)) if it["row"]["image"]][:3]
+    cfg = load_config({}, [])
+    terms = build_terms(cfg.train_student, {"fields": [{"name": n} for n in ("topk_ids", "topk_logprobs", "hidden")]})
     ds = StepDataset(run, st, str(new), batch_size=1, micro_batch_size=1, rank=0, world=1, seed=0, epoch=0,
-                     shuffle_buffer=1)
+                     shuffle_buffer=1, plan=CollatePlan(tuple(row_sets(terms).items())))
     repaint(new / items[1]["row"]["image"])
     mb = ds.collate(items)
     assert mb["sample_ids"] == [items[0]["id"], items[2]["id"]]
     assert [(r["id"], r["reason"]) for r in mb["rejects"]] == [(items[1]["id"], "image_changed")]
     assert int(mb["inputs"]["input_ids"].shape[0]) == 2
     ref = ds.collate([items[0], items[2]])  # the same micro-batch built without the bad sample
-    assert all(np.array_equal(ref[k], mb[k]) for k in ("rows", "targets", "t_topk_ids"))
+    assert all(np.array_equal(ref["sets"]["2"][k], mb["sets"]["2"][k]) for k in ("rows", "token_ids", "topk_ids"))
     empty = ds.collate([items[1]])
     assert empty["sample_ids"] == [] and len(empty["rejects"]) == 1
-    g = late.gate([mb, empty], 1, "cpu")
-    assert not g.skipped and g.run == [mb] and g.n_late == 2 and float(g.n_global) == len(mb["targets"])
-    g = late.gate([empty, empty], 1, "cpu")
+    g = late.gate([mb, empty], terms, 1, "cpu")
+    n = len(mb["sets"]["2"]["token_ids"])
+    assert not g.skipped and g.run == [mb] and g.n_late == 2 and g.tokens == n and g.norms["ce"] == (n, 2.0)
+    g = late.gate([empty, empty], terms, 1, "cpu")
     assert g.skipped and g.run == [] and g.n_late == 2
 
 

@@ -11,7 +11,7 @@ Layout under ``--run-dir`` (default ``demo/``)::
     runs/heldout/          ingest test → cache-teacher: KL / perplexity reference
     runs/original/         ingest labelled → cache-teacher (source=data)
     runs/regenerated/      ingest labelled+unlabelled → regenerate (vLLM) → cache-teacher
-    runs/arm-<arm>-s<seed>/  train-student per arm and seed (links to the shared data/cache)
+    runs/{original,regenerated}/sweep/<arm>/seed<k>/   the arms, trained by `llavadi sweep` from each run's cache
     report.md, report.png, results.json
 
 Arms (LLAVADI study, Table 2/3 in miniature): ``ce`` (CE only), ``ce+kd`` (+ logit KD),
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ...pipeline.runner import StageError
-from .steps import evaluate_cached, link_run, say, stage, train
+from .steps import evaluate_cached, say, stage
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class DemoProfile:
     stage1_captions: int = 3000  # student stage 1: caption conversations (synthetic_vqa.caption) …
     stage1_steps: int = 500  # … and its steps × student_batch (LLaVA's stage-1 alignment, before any arm)
     build: str = "full"  # teacher_builder size used by --rebuild-teacher
+    # what answers the test questions: vLLM, one batched pass per split; transformers (one question at a time)
+    # where starting an engine per student costs more than the questions (the test suite's smoke size)
+    eval_engine: str = "vllm"
 
 
 PROFILES = {
@@ -85,26 +88,31 @@ def demo_teacher(root: Path, prof: DemoProfile, rebuild: bool, executor: str) ->
     return ASSET_DIR
 
 
-def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", profile: str | None = None,
-             rebuild_teacher: bool = False) -> dict:
-    from ...pipeline.executors import init_ray
+@dataclass
+class Setup:
+    """What every demo run shares: the teacher, the synthetic data, the stage settings (``base``), the student
+    every arm starts from, the held-out run (test split cache), the teacher's test score, the eval settings."""
+
+    teacher: Path
+    data: Path
+    base: list
+    student_init: Path
+    runs: Path
+    held: Path
+    teacher_eval: dict
+    test_ev: list
+    val_ev: list
+    timings: dict
+
+
+def setup(root: Path, prof: DemoProfile, executor: str, rebuild_teacher: bool) -> Setup:
+    """1. teacher, student, data; the held-out teacher cache; the teacher's own score on the test split
+    (finished stages are reused)."""
     from ..cache_teacher import STAGE as CACHE
     from ..ingest import STAGE as INGEST
-    from ..regenerate import STAGE as REGEN
     from . import synthetic_vqa
-    from .report import write_report
 
-    name = profile or ("quick" if quick else "default")
-    prof = PROFILES[name]
-    root = Path(root).resolve()
-    t_start = time.time()
     timings: dict[str, float] = {}
-    if executor == "ray":
-        from ...pipeline.config import RunConfig
-
-        init_ray(RunConfig())  # one embedded cluster for every stage of the demo
-
-    # 1. teacher, student, data -----------------------------------------------------------------
     t = time.time()
     teacher = demo_teacher(root, prof, rebuild_teacher, executor)
     timings["teacher_build"] = time.time() - t
@@ -118,79 +126,82 @@ def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", pr
             synthetic_vqa.generate(data, n, seed=0, split=split, with_answers=answers)
     base = [f"run.executor={executor}", f"ingest.image_root={json.dumps(str(data))}", "ingest.shard_size=1000",
             "teacher.max_model_len=512", "cache_teacher.batch_size=32"]
-    runs = root / "runs"
     timings["data"] = time.time() - t
     t = time.time()
     student_init = root / "models" / "student_init"
     if not (student_init / "config.json").exists():
         build_student(root, teacher, prof, base)
     timings["student_init"] = time.time() - t
+    t = time.time()
+    runs = root / "runs"
+    held = runs / "heldout"
+    stage(INGEST, held, base + [f"ingest.inputs={json.dumps([str(data / 'test.json')])}"])
+    stage(CACHE, held, [f"teacher.model={json.dumps(str(teacher))}", "cache_teacher.source=data", "cache_teacher.top_k=32"])
+    timings["teacher_passes"] = time.time() - t
+    # vLLM answers a whole split in one batched pass (transformers' engine generates one question at a time)
+    test_ev = [f"eval.engine={prof.eval_engine}", f"eval.data={json.dumps(str(data / 'test.json'))}",
+               f"eval.cache={json.dumps(str(held / 'cache_teacher'))}", f"eval.image_root={json.dumps(str(data))}",
+               "eval.max_new_tokens=6"]
+    val_ev = [f"eval.engine={prof.eval_engine}", f"eval.data={json.dumps(str(data / 'validation.json'))}",
+              f"eval.image_root={json.dumps(str(data))}", "eval.max_new_tokens=6"]
+    t = time.time()
+    t_eval = evaluate_cached(held, teacher, "teacher", test_ev)
+    timings["eval"] = time.time() - t
+    return Setup(teacher, data, base, student_init, runs, held, t_eval, test_ev, val_ev, timings)
 
-    # 2. teacher passes: held-out cache, original labelled cache, regenerated labelled+unlabelled ------
+
+def teacher_row(su: Setup) -> dict:
+    t = su.teacher_eval
+    return {"path": str(su.teacher), "accuracy": t["answers"]["accuracy"], "questions": t["answers"]["scored"],
+            "kl_to_teacher": t["teacher_cache"]["kl_to_teacher"], "perplexity": t["teacher_cache"]["perplexity"]}
+
+
+def run_demo(root: Path | str, *, quick: bool = False, executor: str = "ray", profile: str | None = None,
+             rebuild_teacher: bool = False) -> dict:
+    from ...pipeline.executors import init_ray
+    from ..cache_teacher import STAGE as CACHE
+    from ..ingest import STAGE as INGEST
+    from ..regenerate import STAGE as REGEN
+    from .report import write_report
+
+    name = profile or ("quick" if quick else "default")
+    prof = PROFILES[name]
+    root = Path(root).resolve()
+    t_start = time.time()
+    if executor == "ray":
+        from ...pipeline.config import RunConfig
+
+        init_ray(RunConfig())  # one embedded cluster for every stage of the demo
+    su = setup(root, prof, executor, rebuild_teacher)
+    timings, teacher, data, base, val_ev = su.timings, su.teacher, su.data, su.base, su.val_ev
+
+    # 2. teacher passes: the original labelled cache, the regenerated labelled+unlabelled one --------------
     t = time.time()
     teacher_cfg = [f"teacher.model={json.dumps(str(teacher))}"]
-    held, orig, regen = runs / "heldout", runs / "original", runs / "regenerated"
-    stage(INGEST, held, base + [f"ingest.inputs={json.dumps([str(data / 'test.json')])}"])
-    stage(CACHE, held, teacher_cfg + ["cache_teacher.source=data", "cache_teacher.top_k=32"])
+    orig, regen = su.runs / "original", su.runs / "regenerated"
     stage(INGEST, orig, base + [f"ingest.inputs={json.dumps([str(data / 'labelled.json')])}"])
     stage(CACHE, orig, teacher_cfg + ["cache_teacher.source=data", "cache_teacher.top_k=32"])
     stage(INGEST, regen, base + [f"ingest.inputs={json.dumps([str(data / 'labelled.json'), str(data / 'unlabelled.json')])}"])
     stage(REGEN, regen, teacher_cfg + ["regenerate.sampling.temperature=0", "regenerate.sampling.max_new_tokens=8",
                                        "regenerate.sampling.min_new_tokens=1", "regenerate.block_size=1024"])
     stage(CACHE, regen, teacher_cfg + ["cache_teacher.source=regenerate", "cache_teacher.top_k=32"])
-    timings["teacher_passes"] = time.time() - t
+    timings["teacher_passes"] += time.time() - t
 
-    # 3. the teacher's own score on the test split ----------------------------------------------
-    # vLLM answers a whole split in one batched pass (transformers' engine generates one question at a time)
-    test_ev = ["eval.engine=vllm", f"eval.data={json.dumps(str(data / 'test.json'))}", f"eval.cache={json.dumps(str(held / 'cache_teacher'))}",
-               f"eval.image_root={json.dumps(str(data))}", "eval.max_new_tokens=6"]
-    val_ev = ["eval.engine=vllm", f"eval.data={json.dumps(str(data / 'validation.json'))}", f"eval.image_root={json.dumps(str(data))}",
-              "eval.max_new_tokens=6"]
+    # 4. students, one per arm and seed, through `llavadi sweep` (one sweep per cache: the original labelled
+    #    data, the teacher-regenerated data); learning curves from the checkpoints of two arms ----------------
     t = time.time()
-    t_eval = evaluate_cached(held, teacher, "teacher", test_ev)
-    timings["eval"] = time.time() - t
-
-    # 4. students, one per arm and seed; learning curves from the checkpoints of two arms -------
-    results, curves = [], {}
-    timings["students_train"] = 0.0
-    timings["curves"] = 0.0
     every = max(1, prof.student_steps // prof.curve_points)
-    for arm, weights in ARMS.items():
-        for seed in prof.seeds:
-            run = runs / f"arm-{arm}-s{seed}"
-            link_run(regen if arm.endswith("regen") else orig, run)
-            curve = arm in CURVE_ARMS and seed == prof.seeds[0]
-            t = time.time()
-            say(f"training arm {arm} (seed {seed})")
-            try:
-                ckpt = train(run, student_init, [f"train_student.{k}={v}" for k, v in weights.items()] + [
-                    f"train_student.lr={prof.student_lr}", f"train_student.batch_size={prof.student_batch}",
-                    f"train_student.micro_batch_size={prof.student_batch}", f"train_student.max_steps={prof.student_steps}",
-                    "train_student.epochs=100000", f"train_student.seed={seed}", "train_student.freeze_vision=true",
-                    f"train_student.save_every_steps={every if curve else 100000}",
-                    f"train_student.keep_checkpoints={prof.curve_points + 1 if curve else 1}",
-                    "train_student.shuffle_buffer=1000", "train_student.log_every_steps=10"])
-            except StageError as e:  # e.g. the teacher answered too few samples to fill a batch
-                say(f"arm {arm} skipped: {e}")
-                results.append({"arm": arm, "seed": seed, "skipped": str(e)})
-                continue
-            train_s = time.time() - t
-            timings["students_train"] += train_s
-            t = time.time()
-            ev = evaluate_cached(run, ckpt, f"{arm}-s{seed}", test_ev)
-            timings["eval"] += time.time() - t
-            results.append({"arm": arm, "seed": seed, "accuracy": ev["answers"]["accuracy"],
-                            "exact_match": ev["answers"]["exact_match"], "kl_to_teacher": ev["teacher_cache"]["kl_to_teacher"],
-                            "perplexity": ev["teacher_cache"]["perplexity"], "train_seconds": round(train_s, 1)})
-            if curve:
-                t = time.time()
-                curves[arm] = learning_curve(run, arm, val_ev)
-                timings["curves"] += time.time() - t
+    results = []
+    for cache_run, arms in ((orig, [a for a in ARMS if not a.endswith("regen")]),
+                            (regen, [a for a in ARMS if a.endswith("regen")])):
+        results += train_arms(cache_run, {a: ARMS[a] for a in arms}, prof, su, every)
+    timings["students_train"] = sum(r.get("train_seconds", 0.0) for r in results)
+    timings["eval"] += time.time() - t - timings["students_train"]
+    t = time.time()
+    curves = {arm: learning_curve(orig / "sweep" / arm / f"seed{prof.seeds[0]}", arm, val_ev) for arm in CURVE_ARMS}
+    timings["curves"] = time.time() - t
     out = {"profile": name, "sizes": asdict(prof), "date": time.strftime("%Y-%m-%d"),
-           "teacher": {"path": str(teacher), "accuracy": t_eval["answers"]["accuracy"],
-                       "questions": t_eval["answers"]["scored"],
-                       "kl_to_teacher": t_eval["teacher_cache"]["kl_to_teacher"],
-                       "perplexity": t_eval["teacher_cache"]["perplexity"]},
+           "teacher": teacher_row(su),
            "results": results, "curves": curves, "timings_s": {k: round(v, 1) for k, v in timings.items()},
            "total_seconds": round(time.time() - t_start, 1)}
     (root / "results.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -236,11 +247,41 @@ def build_student(root: Path, teacher: Path, prof: DemoProfile, base: list[str])
     return out
 
 
-def learning_curve(run: Path, arm: str, val_ev: list[str]) -> list[dict]:
-    """Validation accuracy of every checkpoint the run kept: ``[{"step", "accuracy"}]``."""
+def train_arms(run: Path, arms: dict, prof: DemoProfile, su: Setup, every: int, seeds: tuple = ()) -> list[dict]:
+    """``arms`` (name → ``train_student`` overrides) trained from ``run``'s cache by ``llavadi sweep``
+    (``stages.sweep.run_sweep``) with the profile's recipe, each seed scored on the test split (vLLM answers, the
+    held-out cache's KL): the sweep's results rows. The learning-curve arms keep a checkpoint every ``every``
+    steps."""
+    import yaml
+
+    from ..sweep import run_sweep
+
+    seeds = seeds or prof.seeds
+    keep = prof.curve_points + 1
+    base = {"student": str(su.student_init), "lr": prof.student_lr, "batch_size": prof.student_batch,
+            "micro_batch_size": prof.student_batch, "max_steps": prof.student_steps, "epochs": 100000,
+            "freeze_vision": True, "shuffle_buffer": 1000, "log_every_steps": 10, "save_every_steps": 100000,
+            "keep_checkpoints": 1}
+    spec = {"base": base, "eval": {"engine": prof.eval_engine, "image_root": str(su.data), "max_new_tokens": 6},
+            "arms": {a: {**ov, **({"save_every_steps": every, "keep_checkpoints": keep} if a in CURVE_ARMS else {})}
+                     for a, ov in arms.items()}}
+    path = run / "demo_arms.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    say(f"training arms {', '.join(arms)} × {len(seeds)} seed(s) with `llavadi sweep {run} --arms {path.name}`")
+    try:
+        out = run_sweep(run, path, seeds=len(seeds), data=str(su.data / "test.json"),
+                        cache=str(su.held / "cache_teacher"), executor="local", progress=True)
+    except StageError as e:  # e.g. the teacher answered too few samples to fill a batch
+        say(f"arms {', '.join(arms)} skipped: {e}")
+        return [{"arm": a, "seed": s, "skipped": str(e)} for a in arms for s in seeds]
+    return out["results"]
+
+
+def learning_curve(arm_dir: Path, arm: str, val_ev: list[str]) -> list[dict]:
+    """Validation accuracy of every checkpoint the arm's seed kept: ``[{"step", "accuracy"}]``."""
     pts = []
-    for ckpt in sorted((run / "train_student" / "checkpoints").glob("step_*")):
+    for ckpt in sorted((arm_dir / "checkpoints").glob("step_*")):
         step = int(ckpt.name.split("_")[1])
-        ev = evaluate_cached(run, ckpt, f"val-{arm}-step{step}", val_ev)
+        ev = evaluate_cached(arm_dir, ckpt, f"val-{arm}-step{step}", val_ev)
         pts.append({"step": step, "accuracy": ev["answers"]["accuracy"]})
     return pts

@@ -11,7 +11,7 @@ ids of the tokenizer) and the teacher's top-k ids (rows of the teacher's head, `
   naming both sizes — an answer token the student has no logit for cannot be trained on;
 - top-k path (``kd.exact=false``): a teacher head with more rows than the student's is accepted; a
   cached top-k id the student lacks is no bucket, its teacher mass joins the tail bucket
-  (``losses._out_of_range``: the divergence stays exact between the two distributions coarsened to
+  (``divergences._out_of_range``: the divergence stays exact between the two distributions coarsened to
   {each in-range top-k id, everything else});
 - exact path (``kd.exact=true``): the student's head ``[V, Hs]`` and ``teacher_head.safetensors``'s
   ``[V', Ht]`` must have ``V == V'`` (the full distributions are compared id by id): else refused,
@@ -73,7 +73,7 @@ def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[st
     except CacheVersionError as e:  # a cache of an older format: the message names the rebuild command
         return [str(e)], up_fp
     p += vocab_problems(c, meta, up.path, model)
-    p += cache_field_problems(cfg, meta, run_dir)
+    p += term_problems(cfg, meta, run_dir)
     root, where = image_root(cfg)
     if root and not os.path.isdir(root):
         p.append(f"the cache's sample images are read from {root} (from {where}), which is not a directory: "
@@ -81,26 +81,60 @@ def preflight(run_dir: Path, cfg: LlavadiConfig) -> tuple[list[str], Optional[st
     return p, up_fp
 
 
-def cache_field_problems(cfg: LlavadiConfig, meta: dict, run_dir: Path) -> list[str]:
-    """A loss that reads a field the cache does not hold is refused before training, naming the
-    ``cache_teacher`` key that makes the cache hold it."""
+def term_problems(cfg: LlavadiConfig, meta: dict, run_dir: Path) -> list[str]:
+    """The declared terms against the cache (``terms.problems``: fields and row kinds, naming the
+    ``cache_teacher`` key), then — for terms at prompt or image rows, or the affinity — a probe of the first
+    cached samples through the student: when none of them aligns (``rows.align``: another image-token count,
+    other prompt tokens), the pair cannot train those terms and is refused, saying which and what still works."""
+    from .terms import build_terms, problems
+
+    terms = build_terms(cfg.train_student, meta)
+    out = problems(terms, meta, run_dir)
+    return out or alignment_problems(cfg, run_dir, terms)
+
+
+PROBE_SAMPLES = 4
+
+
+def alignment_problems(cfg: LlavadiConfig, run_dir: Path, terms: list) -> list[str]:
+    from ...schemas.samples import sample_image
+    from ...schemas.teacher_cache.fields import POSITIONS
+    from .batch import CollatePlan, collate
+    from .data import load_adapter, stream_samples, student_tokens
+    from .terms import row_sets
+
+    sets = tuple((k, ()) for k in row_sets(terms) if k != POSITIONS["answer"])
+    aff = any(t.name == "aff" for t in terms)
+    if not sets and not aff:
+        return []
     c = cfg.train_student
-    have = {f["name"] for f in meta.get("fields", [])}
-    fix = f"and rerun `llavadi cache-teacher {run_dir} --force`"
-    p = []
-    if c.feature_weight > 0 and "hidden" not in have:
-        p.append(f"train_student.feature_weight > 0 needs the teacher's final hidden states, which this cache lacks: "
-                 f"set cache_teacher.hidden_layers=[-1] {fix} (or train_student.feature_weight=0)")
-    if c.kd_weight > 0 and c.kd.exact and "hidden" not in have:
-        p.append(f"train_student.kd.exact needs the teacher's final hidden states (with teacher_head.safetensors), "
-                 f"which this cache lacks: set cache_teacher.hidden_layers=[-1] {fix}")
-    if c.kd_weight > 0 and not c.kd.exact and "topk_ids" not in have:
-        p.append(f"train_student.kd (top-k + tail) needs the teacher's top-k log-probs, which this cache lacks "
-                 f"(cache_teacher.logits={meta.get('logits')!r}): set cache_teacher.logits=topk {fix}, or "
-                 f"train_student.kd.exact=true with hidden states")
-    if c.kd_weight > 0 and c.kd.standardize and not c.kd.exact and "logit_stats" not in have:
-        p.append(f"train_student.kd.standardize needs the teacher's logit statistics: set cache_teacher.logits=topk {fix}")
-    return p
+    imaged = aff or any(0 in k for k, _ in sets)
+    root = image_root(cfg)[0]
+    adapter = load_adapter(c.student, c.prompt_format)
+    probe = []
+    for it in stream_samples(run_dir, student_tokens(c.student, c.prompt_format), image_root=root):
+        if it["row"]["image"] is not None or not imaged:
+            probe.append(it)
+        if len(probe) == PROBE_SAMPLES:
+            break
+
+    def load(row):
+        return sample_image(root, row, run_dir=run_dir)
+
+    res = collate(adapter, probe, CollatePlan(sets, aff), load)
+    aligned = {r["reason"] for r in res["rejects"]} & {"image_token_count", "prompt_mismatch"}
+    if not probe or res["sample_ids"] or not aligned:
+        return []
+    r = next(x for x in res["rejects"] if x["reason"] in aligned)
+    readers = [t.name for t in terms if (t.name == "aff" or (0 in t.kinds if r["reason"] == "image_token_count"
+                                                                       else 1 in t.kinds))]
+    what = ("the image expands into another number of tokens in the student than in the teacher"
+            if r["reason"] == "image_token_count" else "the student renders other prompt tokens than the teacher")
+    return [f"train_student: {what} ({r['detail']}; none of the first {len(probe)} cached samples aligns): the "
+            f"{', '.join(readers)} term(s) cannot train this pair. Keep them at the answer rows "
+            f"(train_student.kd.positions=answer, train_student.feature.positions=answer, affinity_weight=0): the "
+            f"answer-token losses still apply"]
+
 
 def meta_student(path: str):
     """The student's model on the meta device (architecture and shapes, no weights loaded)."""
@@ -117,7 +151,7 @@ def student_problems(c, model=None) -> list[str]:
     student, built when not given; it is wrapped in place by the LoRA check)."""
     from ...models import family_of
     from ...models.adapter import check_model
-    from .loop import frozen_parameters
+    from .setup import frozen_parameters
 
     _, problems = check_model(c.student, c.prompt_format, "train_student.student", "train_student.prompt_format")
     if problems:

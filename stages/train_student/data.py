@@ -15,12 +15,9 @@ size — the DDP test relies on it):
    returns them round-robin, i.e. in step order. Images are loaded, expanded by the student's
    processor (its own token count for that image) and tensors built only here, only for this rank's samples, only for steps not skipped on resume.
 
-A micro-batch (``collate``) holds, for B conversations right-padded to L tokens and N answer
-tokens in total: ``inputs`` (the student's forward inputs, ``models.adapter.ModelAdapter.collate``:
-``input_ids [B,L] int64``, ``attention_mask [B,L]`` and the family's image tensors), ``rows [N] int64`` (flat index b·L + position predicting the token),
-``targets [N] int64``, ``t_hidden [N,Ht] float32``, ``t_topk_ids [N,k] int64``,
-``t_topk_logprobs [N,k] float32``, ``t_logit_std [N] float32`` (each teacher field only when the cache holds
-it; the answer rows of the cache whatever ``cache_teacher.positions`` kept), ``sample_ids``.
+A micro-batch (``collate``) is ``batch.collate``'s: the student's forward inputs, and per row set the terms
+read (``terms.row_sets``) the flat student positions with the teacher's cached fields at the matched rows
+(``rows.align``), the affinity blocks, ``sample_ids`` and ``rejects``.
 
 The student's adapter (processor + prompt format) is built once per process (``load_adapter``: a
 small cache keyed by the model directory, the format and its processor files' size/mtime), not once
@@ -35,13 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ...pipeline.rundir import StageDir
 from ...schemas.samples import Reject, iter_samples, sample_image
 from ...schemas.teacher_cache import CacheReader
+from ...schemas.teacher_cache.fields import KIND_ANSWER, POSITIONS
+from .batch import CollatePlan, collate as collate_batch
+
+ANSWER = POSITIONS["answer"]
 
 
 @dataclass
@@ -116,16 +115,16 @@ def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = N
         for s in reader.iter_shard(entry):
             if s["sample_id"] in skip:
                 continue
-            s = answer_rows(s)
             row = rows.get(s["sample_id"])
             try:
                 if row is None:
                     raise Reject("missing_sample", f"{s['sample_id']} is not in {src.data_file(entry['shard']).name}")
                 conv = adapter.conversation(row["conversations"], row["image"] is not None)
                 mine = [conv.ids[p] for a, b in conv.spans for p in range(a, b)]
-                if mine != s["token_ids"].tolist():
+                theirs = s["token_ids"][s["kind"] == KIND_ANSWER].tolist()  # whatever positions the cache keeps
+                if mine != theirs:
                     raise Reject("token_mismatch", f"student answer ids differ from the cache's "
-                                                   f"({len(mine)} vs {len(s['token_ids'])} tokens)")
+                                                   f"({len(mine)} vs {len(theirs)} tokens)")
                 if check_images:
                     sample_image(image_root, row, run_dir=run_dir, decode=False, root_hint=root_hint)
             except Reject as r:
@@ -133,18 +132,6 @@ def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = N
                     rejects.append({"id": s["sample_id"], "reason": r.reason, "detail": r.detail})
                 continue
             yield {"id": s["sample_id"], "row": row, "conv": conv, "cache": s}
-
-
-def answer_rows(sample: dict) -> dict:
-    """The sample's answer rows only (``kind == answer``), whatever positions the cache keeps: the losses
-    here are answer-token losses."""
-    from ...schemas.teacher_cache import KIND_ANSWER
-
-    keep = sample["kind"] == KIND_ANSWER
-    if keep.all():
-        return sample
-    return {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == len(keep) and k != "image_key"
-                else v) for k, v in sample.items()}
 
 
 def scan(run_dir: Path, st: StudentTokens, out_dir: Path, fingerprint: str, image_root: Optional[str],
@@ -209,7 +196,8 @@ class StepDataset(IterableDataset):
 
     def __init__(self, run_dir: Path, st: StudentTokens, image_root: Optional[str], *, batch_size: int,
                  micro_batch_size: int, rank: int, world: int, seed: int, epoch: int, shuffle_buffer: int,
-                 start_step: int = 0, max_steps: int = 0, skip: frozenset = frozenset(), root_hint: str = ""):
+                 start_step: int = 0, max_steps: int = 0, skip: frozenset = frozenset(), root_hint: str = "",
+                 plan: CollatePlan = CollatePlan(((ANSWER, ("kind", "token_ids")),))):
         if batch_size % (world * micro_batch_size):
             raise ValueError(f"train_student.batch_size={batch_size} must be a multiple of "
                              f"micro_batch_size × world size = {micro_batch_size} × {world}")
@@ -217,7 +205,7 @@ class StepDataset(IterableDataset):
         self.G, self.mb, self.rank, self.world = batch_size, micro_batch_size, rank, world
         self.seed, self.epoch, self.buffer = seed, epoch, shuffle_buffer
         self.start_step, self.max_steps = start_step, max_steps
-        self.skip, self.root_hint = frozenset(skip), root_hint
+        self.skip, self.root_hint, self.plan = frozenset(skip), root_hint, plan
 
     def _adapter(self):
         return load_adapter(self.st.model_dir, self.st.prompt_format)
@@ -246,35 +234,11 @@ class StepDataset(IterableDataset):
                                                    for i in range(0, share, self.mb)]}
 
     def collate(self, items: list[dict], root_hint: str = "") -> dict:
-        """A micro-batch (module docstring) of ``items``, plus ``rejects``: the items left out because their
-        image is no longer the one the scan checked (``schemas.samples.sample_image``: ``missing_image``,
-        ``image_changed``, …) or the student's processor cannot take it (``processor_error``…), each
-        ``{"id", "reason", "detail"}``. Every item left out → only ``sample_ids`` ([]) and ``rejects``."""
-        adapter = self._adapter()
-        encs, kept, rejects = [], [], []
-        for it in items:
-            try:  # one record's problem, found inside the DataLoader: that record is left out, not the run
-                image = sample_image(self.image_root, it["row"], run_dir=self.run_dir, root_hint=root_hint)
-                encs.append(adapter.encode(it["conv"], image))
-                kept.append(it)
-            except Reject as r:
-                rejects.append({"id": it["id"], "reason": r.reason, "detail": r.detail})
-        if not kept:
-            return {"sample_ids": [], "rejects": rejects}
-        inputs = adapter.collate([e.inputs for e in encs])
-        L = int(inputs["input_ids"].shape[1])
-        rows = [b * L + p for b, e in enumerate(encs) for p in e.positions]
-        cat = lambda key: np.concatenate([it["cache"][key] for it in kept], 0)  # noqa: E731
-        have = kept[0]["cache"]
-        out = {"inputs": inputs, "rows": torch.tensor(rows, dtype=torch.long),
-               "targets": torch.from_numpy(cat("token_ids").astype(np.int64))}
-        if "hidden" in have:
-            out["t_hidden"] = torch.from_numpy(cat("hidden"))
-        if "topk_ids" in have:
-            out["t_topk_ids"] = torch.from_numpy(cat("topk_ids").astype(np.int64))
-            out["t_topk_logprobs"] = torch.from_numpy(cat("topk_logprobs"))
-        if "logit_stats" in have:
-            out["t_logit_std"] = torch.from_numpy(cat("logit_stats")[:, 1].copy())
-        out["sample_ids"] = [it["id"] for it in kept]
-        out["rejects"] = rejects
-        return out
+        """A micro-batch of ``items`` (``batch.collate``: the plan's row sets, aligned per sample), plus
+        ``rejects``: the items left out because their image is no longer the one the scan checked
+        (``schemas.samples.sample_image``: ``missing_image``, ``image_changed``, …), the student's processor
+        cannot take them (``processor_error``…) or their rows do not align with the cache's
+        (``image_token_count``, ``prompt_mismatch``), each ``{"id", "reason", "detail"}``. Every item left
+        out → only ``sample_ids`` ([]) and ``rejects``."""
+        return collate_batch(self._adapter(), items, self.plan,
+                             lambda row: sample_image(self.image_root, row, run_dir=self.run_dir, root_hint=root_hint))

@@ -100,4 +100,4 @@ def _not_sharded(w) -> None:
         return
     if isinstance(w, DTensor):
         raise HeadError("the LM head's weight is a sharded DTensor here: the fused head loss must run inside the "
-                        "FSDP root unit's forward (loop.StudentWithProjector), where the weight is all-gathered")
+                        "FSDP root unit's forward (objective.Objective), where the weight is all-gathered")

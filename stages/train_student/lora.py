@@ -16,7 +16,7 @@ What trains (``wrap``):
   ``modules_to_save``: a projector is not always a module of its own (LLaVA-NeXT's
   ``image_newline`` and Gemma3's ``mm_input_projection_weight`` are bare parameters), and
   ``modules_to_save`` would keep a second copy of what it wraps.
-- llavadi's feature projector (``loop.Projector``) is untouched: trained and checkpointed in
+- llavadi's feature projector (``objective.Objective.projector``) is untouched: trained and checkpointed in
   ``training_state.pt`` as without LoRA.
 - ``lm_head`` and ``embed_tokens`` may be targets too (issue #22 class 6). The embeddings run in the
   student's own forward, so PEFT's ``lora.Embedding`` (``E[id] + (alpha / rank) · (B A)ᵀ[id]``) trains as
@@ -131,7 +131,7 @@ def trained_in_full(student, family, frozen: set[str]) -> list[str]:
 def wrap(student, family, c, frozen: set[str], resume: Optional[Path] = None):
     """Inject LoRA adapters into ``student`` (in place: its forward now runs them) and set
     ``requires_grad``: True on the adapters and on ``trained_in_full`` parameters, False elsewhere.
-    ``frozen``: the names ``freeze_*`` froze (``loop.frozen_parameters``). With ``resume`` (a checkpoint
+    ``frozen``: the names ``freeze_*`` froze (``setup.frozen_parameters``). With ``resume`` (a checkpoint
     directory) the adapter and trained-in-full parameters are loaded from it. Returns the ``PeftModel``
     (``.base_model.model is student``), the handle ``save`` takes."""
     from peft import get_peft_model

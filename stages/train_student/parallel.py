@@ -2,7 +2,7 @@
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``, torch ≥ 2.6; the docs' "per layer, then the root"
 recipe): each decoder layer of the student's language model is one FSDP unit, then the root unit
-(``loop.StudentWithProjector``: the student's embeddings, vision tower, multimodal projector, final
+(``objective.Objective``: the student's embeddings, vision tower, multimodal projector, final
 norm, LM head, and llavadi's feature projector). Every parameter is stored as a ``DTensor`` sharded
 on dim 0 over the ranks (``Shard(0)``), so weights, gradients and AdamW's two moments are
 ``1/world`` per rank; a unit's parameters are all-gathered for its forward (and again for its
@@ -180,7 +180,7 @@ def full_student(model: torch.nn.Module, student: torch.nn.Module, prefix: str =
 
 
 def save_student(student, adapter, out_dir: Path) -> None:
-    """The student as ``loop.save_checkpoint`` writes it: the family's ``save`` (the layout transformers
+    """The student as ``checkpoint.save_checkpoint`` writes it: the family's ``save`` (the layout transformers
     and vLLM load) plus the student's own generation config / chat template files."""
     adapter.family.save(student, adapter.processor, out_dir)
     for extra in ("generation_config.json", "chat_template.json", "chat_template.jinja"):
@@ -192,10 +192,10 @@ def save_student(student, adapter, out_dir: Path) -> None:
 def save_checkpoint(out: Path, model, student, opt, sched, state: dict, keep: int, adapter=None) -> Path:
     """Write ``out/step_NNNNNN/`` (layout in the module docstring) from every rank; collective.
 
-    ``model``: the FSDP root (``loop.StudentWithProjector``); ``student``: its student submodule;
+    ``model``: the FSDP root (``objective.Objective``); ``student``: its student submodule;
     ``state``: the trainer state (``global_step``, ``epoch``, ``step_in_epoch``, …);
     ``adapter`` (the student's ``models.adapter.ModelAdapter``): given → also the ``save_pretrained``
-    student (the final step; ``save_student`` on rank 0 with the gathered full-weight student). Crash-safe like ``loop.save_checkpoint``:
+    student (the final step; ``save_student`` on rank 0 with the gathered full-weight student). Crash-safe like ``checkpoint.save_checkpoint``:
     everything goes to a temporary sibling that rank 0 renames into place after every rank finished
     writing (a SIGKILL before that leaves a temporary directory, removed at the next launch); keeps the
     newest ``keep`` checkpoints. Returns the checkpoint directory."""
