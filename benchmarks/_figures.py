@@ -29,6 +29,11 @@ FIGURES = [
      "position, image rows once per image)", "reported", "{:.2f}"),
     ("cache_teacher", "tiny_ratio", "cache-teacher stage ÷ bare forward, tiny teacher (head > LM)", "reported",
      "{:.2f}"),
+    ("cache_teacher", "engine_vllm_speedup_over_hf", "cache-teacher `engine=hf` seconds ÷ `engine=vllm` seconds "
+     "(> 1: vLLM faster), 164M teacher, `positions=answer`, the stage's defaults (vLLM eager on CPU)", "reported",
+     "{:.2f}"),
+    ("cache_teacher", "engine_vllm_speedup_over_hf_old", "… the same before issue #23 (vLLM forcer: one request per "
+     "`generate`, `prompt_logprobs`, a forward hook)", "reported", "{:.2f}"),
     ("cache_teacher", "row_bytes_per_row_float16_float32", "cache B/row, Zarr row arrays, fp16 hidden + top-64 "
      "fp32 log-probs (H 768, random-weight teacher)", "—", "{:,.0f}"),
     ("cache_teacher", "row_bytes_per_row_int8_float16", "… int8 hidden + fp16 log-probs", "—", "{:,.0f}"),
