@@ -47,6 +47,10 @@ FIGURES = [
     ("cache_teacher", "row_bytes_per_row_sampled16", "logits-only cache, 16 sampled ids (RS-KD), Zarr row arrays "
      "(B/row)", "≤ 48", "{:,.1f}"),
     ("cache_teacher", "bytes_per_row_sampled16", "… whole shard ÷ rows", "reported", "{:,.0f}"),
+    ("cache_teacher", "bytes_per_row_logits_only_topk64_long_answers", "logits-only top-64 (fp16 log-probs), whole "
+     "shard ÷ rows, answers of ~40 tokens (tiny teacher)", "≤ 250", "{:,.1f}"),
+    ("cache_teacher", "bytes_per_row_sampled16_long_answers", "logits-only 16 sampled ids, whole shard ÷ rows, "
+     "answers of ~40 tokens (tiny teacher)", "≤ 48", "{:,.1f}"),
     ("cache_teacher", "rss_ratio_10x", "cache-teacher peak RSS, 10× ÷ 1× the samples (`positions=all`, tiny "
      "teacher)", "≤ 1.1", "{:.3f}"),
     ("cache_teacher", "read_zarr_samples_per_s", "cache read samples/s, Zarr", "—", "{:,.0f}"),

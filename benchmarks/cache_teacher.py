@@ -107,13 +107,20 @@ show the box's load. The cache the stage wrote is checked against the bare pass'
     repetitions of the two back-to-back passes' ratio; per side the load average around each pass, the
     CPU seconds the idle workers used meanwhile, engine start-up and warm-up seconds, samples and rows
     (both engines must cache the same rows). Where vLLM does not import, ``engine_note`` says so.
+(g) logits-only bytes with long answers (``--no-long-answers`` skips it, ``--long-answers-only`` runs only
+    this): (c)'s whole-shard bytes per row carry each sample's fixed cost (id, offsets, token ids, Zarr
+    metadata) over the synthetic data's ~3 answer rows; here ``llavadi cache-teacher`` (tiny teacher,
+    ``hidden_layers=[]``) caches ``--long-answer-conversations`` conversations whose answers carry 24 more
+    words (~40 answer rows each, as real answers have), top-64 with float16 log-probs and 16 sampled ids:
+    ``bytes_per_row_<config>_long_answers`` = bytes of every shard file ÷ cached rows (targets ≤ 250, ≤ 48).
 
 Prints ONE JSON object on stdout's last line (``--out FILE`` also writes it).
 
 Usage: ``.venv/bin/python benchmarks/cache_teacher.py [--models midsize,tiny] [--conversations 160]
 [--shard-size 80] [--reps-midsize 3] [--reps-tiny 3] [--reps-all 1] [--read-samples 4000]
 [--rss-conversations 60] [--rss-shard-size 20] [--no-rss] [--[no-]engines] [--engines-only]
-[--reps-engines 2] [--engine-conversations N] [--old-tree PATH | --old-commit REV] [--out FILE] [--workdir D]``
+[--reps-engines 2] [--engine-conversations N] [--old-tree PATH | --old-commit REV] [--[no-]long-answers]
+[--long-answers-only] [--long-answer-conversations 200] [--out FILE] [--workdir D]``
 """
 from __future__ import annotations
 
@@ -194,13 +201,17 @@ def _env() -> dict:
 
 # --------------------------------------------------------------------------- setup
 
-def make_run(work: Path, n: int, shard_size: int) -> tuple[Path, Path, dict]:
-    """``n`` synthetic conversations in ``work/data``, ingested into ``work/run/data`` (the stage's
-    ``source=data``)."""
+def make_run(work: Path, n: int, shard_size: int, answer_words: int = 0) -> tuple[Path, Path, dict]:
+    """``n`` synthetic conversations in ``work/data`` (``answer_words`` filler words appended to every answer),
+    ingested into ``work/run/data`` (the stage's ``source=data``)."""
     from llavadi.stages.demo.synthetic_vqa import generate
 
     root = work / "data"
     js = generate(root, n, seed=0, split="bench")
+    if answer_words:
+        from train_student import lengthen_answers  # benchmarks/train_student.py
+
+        lengthen_answers(js, answer_words, seed=5)
     recs = json.loads(js.read_text())
     kinds = {"conversations": len(recs), "with_image": sum(1 for r in recs if r.get("image")),
              "multi_turn": sum(1 for r in recs if len(r["conversations"]) > 2),
@@ -570,6 +581,39 @@ def bytes_study(work: Path, name: str, samples: list[dict], forcer, seed: int = 
                     "exact_kd_kl_max": float(kl.max()) if kd_n else 0.0}
             row.update(kd)
         out.append(row)
+    shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------- (g) logits-only bytes, long answers
+
+LONG_ANSWER_WORDS = 24  # filler words appended to every answer: ~40 answer rows per conversation, as in LLaVA data
+
+
+def long_answer_bytes(work: Path, model_dir: Path, n: int) -> dict:
+    """(g): the logits-only caches as ``llavadi cache-teacher`` writes them (``hidden_layers=[]``; top-64 with
+    float16 log-probs, and 16 sampled ids) on ``n`` conversations whose answers carry ``LONG_ANSWER_WORDS`` more
+    words (``benchmarks/train_student.lengthen_answers``), so a sample's fixed cost (its id, offsets, token ids,
+    Zarr metadata) is spread over tens of rows as with real answers, not the ~3 of the synthetic ones: bytes of
+    every file of the shards ÷ cached rows."""
+    from llavadi.schemas.teacher_cache import read_index
+
+    d = work / "long-answers"
+    out = {"conversations": n, "answer_words_appended": LONG_ANSWER_WORDS, "teacher": model_dir.name}
+    for key, keys in (("logits_only_topk64", ["cache_teacher.top_k=64", "cache_teacher.logprob_dtype=float16"]),
+                      ("sampled16", ["cache_teacher.logits=sampled", f"cache_teacher.samples={SAMPLES}"])):
+        run, _root, _kinds = make_run(d / key, n, max(1, n // 2), LONG_ANSWER_WORDS)
+        p = subprocess.run([sys.executable, "-m", "llavadi.cli", "cache-teacher", str(run), "--teacher", str(model_dir),
+                            "--executor", "local", "cache_teacher.source=data", "cache_teacher.hidden_layers=[]", *keys],
+                           capture_output=True, text=True, env=_env())
+        if p.returncode != 0:
+            raise RuntimeError(f"cache-teacher ({key}) exited {p.returncode}: {p.stderr[-2000:]}")
+        cache = run / "cache_teacher"
+        shards = read_index(cache)["shards"]
+        rows = sum(s["n_rows"] for s in shards)
+        nbytes = sum(f.stat().st_size for s in shards for f in (cache / s["file"]).rglob("*") if f.is_file())
+        out[key] = {"rows": rows, "samples": sum(s["n_samples"] for s in shards), "bytes": nbytes,
+                    "bytes_per_row": round(nbytes / max(rows, 1), 1)}
     shutil.rmtree(d, ignore_errors=True)
     return out
 
@@ -948,6 +992,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-conversations", type=int, default=60, help="conversations of the 1x memory run (default 60)")
     ap.add_argument("--rss-shard-size", type=int, default=20, help="rows per input shard in the memory runs")
     ap.add_argument("--no-rss", action="store_true", help="skip the memory runs (d)")
+    ap.add_argument("--long-answers", action=argparse.BooleanOptionalAction, default=True,
+                    help="(g) logits-only caches on conversations with long answers, tiny teacher (default on)")
+    ap.add_argument("--long-answers-only", action="store_true", help="run (g) only")
+    ap.add_argument("--long-answer-conversations", type=int, default=200, help="(g): conversations (default 200)")
     ap.add_argument("--engines", action=argparse.BooleanOptionalAction, default=True,
                     help="(f) cache-teacher with engine=vllm vs engine=hf on the mid-size teacher (default on; "
                          "skipped with a note where vLLM does not import)")
@@ -970,6 +1018,8 @@ def main(argv=None) -> int:
         if not args.engines:
             ap.error("--engines-only with --no-engines runs nothing")
         models = []
+    if args.long_answers_only:
+        models, args.engines, args.no_rss, args.long_answers = [], False, True, True
 
     t_start = time.perf_counter()
     machine = machine_info()
@@ -978,7 +1028,7 @@ def main(argv=None) -> int:
     result: dict = {"benchmark": "cache_teacher", "target_ratio": TARGET_RATIO,
                     "target_bytes_per_row_logits_only_topk64": TARGET_TOPK64_LOGITS_ONLY,
                     "target_bytes_per_row_sampled16": TARGET_SAMPLED16, "target_rss_ratio": TARGET_RSS}
-    rss = engines = rr = None
+    rss = engines = rr = longa = None
     try:
         run, image_root, kinds = make_run(work, args.conversations, args.shard_size)
         result["data"] = {**kinds, "shard_size": args.shard_size}
@@ -1024,6 +1074,13 @@ def main(argv=None) -> int:
             model_dir = build_model(work, "midsize")
             engines = run_engines(args, work, run, image_root, model_dir)
             shutil.rmtree(model_dir, ignore_errors=True)
+        if args.long_answers and not args.engines_only:
+            model_dir = build_model(work, "tiny")
+            t = time.perf_counter()
+            longa = long_answer_bytes(work, model_dir, args.long_answer_conversations)
+            log(f"long answers {time.perf_counter() - t:.1f}s: " + ", ".join(
+                f"{k} {longa[k]['bytes_per_row']} B/row" for k in ("logits_only_topk64", "sampled16")))
+            shutil.rmtree(model_dir, ignore_errors=True)
         if rss is None and not args.no_rss and not args.engines_only:  # the memory runs use the tiny teacher
             model_dir = build_model(work, "tiny")
             t = time.perf_counter()
@@ -1052,6 +1109,10 @@ def main(argv=None) -> int:
         if f"bytes_per_row_{key}" in result:
             result[f"meets_target_{key}"] = result[f"bytes_per_row_{key}"] <= target
             result[f"meets_target_row_bytes_{key}"] = result[f"row_bytes_per_row_{key}"] <= target
+    if longa is not None:
+        for key in ("logits_only_topk64", "sampled16"):
+            result[f"bytes_per_row_{key}_long_answers"] = longa[key]["bytes_per_row"]
+        result["long_answers"] = longa
     if rss is not None:
         result["rss_ratio_10x"] = rss["rss_ratio_10x"]
         result["rss_growth_mb_10x"] = rss["rss_growth_mb_10x"]
