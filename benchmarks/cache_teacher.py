@@ -128,7 +128,7 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _common import emit, machine_info as _common_machine_info, run_cli_peak  # noqa: E402
+from _common import PipeWorker, emit, machine_info as _common_machine_info, run_cli_peak  # noqa: E402
 
 import argparse
 import json
@@ -769,7 +769,7 @@ def engine_worker_main(spec_path: str, fd: int) -> int:
     return 0
 
 
-class EngineWorker:
+class EngineWorker(PipeWorker):
     """Driver-side handle of one :func:`engine_worker_main` subprocess (``side`` = ``new|old:hf|vllm``)."""
 
     def __init__(self, side: str, work: Path, run: Path, image_root: Path, model_dir: Path, pythonpath: str,
@@ -781,68 +781,18 @@ class EngineWorker:
         spec.write_text(json.dumps({"run": str(run), "image_root": str(image_root), "model": str(model_dir),
                                     "engine": engine, "stage_dir": f"cache_teacher-engine-{tag}",
                                     "teacher": teacher_kw or {}}))
-        self.log = work / f"engine-{tag}.log"
         env = _env()
         env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         if engine == "vllm":  # the engine in the worker's process, as regenerate's benchmark runs it
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        r, w = os.pipe()
-        self._logf = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--engine-worker", str(spec),
-                                      "--fd", str(w)], stdin=subprocess.PIPE, stdout=self._logf,
-                                     stderr=subprocess.STDOUT, pass_fds=(w,), env=env, text=True)
-        os.close(w)
-        self._in = os.fdopen(r, "r")
-        try:
-            import psutil
-
-            self.ps = psutil.Process(self.proc.pid)
-        except ImportError:  # the GPU check's bare interpreter may lack it: no idle-peer figure then
-            self.ps = None
+        super().__init__(f"engine {side}", [Path(__file__).resolve(), "--engine-worker", spec],
+                         work / f"engine-{tag}.log", env)
         self.ready = None
 
     def wait_ready(self) -> dict:
-        self.ready = self._read()
+        self.ready = self.read()
         return self.ready
-
-    def _read(self) -> dict:
-        line = self._in.readline()
-        if not line:
-            self.proc.wait()
-            tail = self.log.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"engine worker {self.side} exited {self.proc.returncode}:\n{tail}")
-        return json.loads(line)
-
-    def cpu_s(self) -> float:
-        if self.ps is None:
-            return 0.0
-        t = self.ps.cpu_times()
-        return t.user + t.system
-
-    def run(self, peers: list) -> dict:
-        """One timed pass; also the CPU seconds the other (idle) workers used meanwhile (≈ 0: only one
-        side computes at a time) and the 1-min load average before and after."""
-        others = [p for p in peers if p is not self]
-        peer_c0 = sum(p.cpu_s() for p in others)
-        load0 = os.getloadavg()[0]
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        res = self._read()
-        res["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
-        res["idle_peer_cpu_s"] = round(sum(p.cpu_s() for p in others) - peer_c0, 2)
-        return res
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
-        except Exception:  # noqa: BLE001
-            self.proc.kill()
-            self.proc.wait()
-        self._logf.close()
-        self._in.close()
 
 
 def engine_study(work: Path, run: Path, image_root: Path, model_dir: Path, reps: int, old_tree: str | None = None,
@@ -890,7 +840,7 @@ def engine_study(work: Path, run: Path, image_root: Path, model_dir: Path, reps:
         for rep in range(reps):
             order = workers if rep % 2 == 0 else workers[::-1]
             for w in order:
-                r = w.run(workers)
+                r = w.run(peers=workers)
                 times[w.side].append(r["wall_s"])
                 runs[w.side].append(r)
                 log(f"engines rep {rep} {w.side}: {r['wall_s']:.2f}s (load {r['loadavg_1m']})")
