@@ -73,3 +73,71 @@ def run_cli_peak(args: list, log_dir, env: dict) -> dict:
     r = run_measured([sys.executable, "-c", PEAK_LAUNCHER, str(hwm), *map(str, args)], Path(log_dir), env)
     return {"wall_s": r["wall_s"], "peak_rss_mb": int(hwm.read_text()) / 1024,
             "tree_rss_polled_mb": r["tree_rss_polled_mb"], "stdout": r["stdout"]}
+
+
+class PipeWorker:
+    """Driver-side handle of one persistent benchmark worker: ``python ARGV --fd N`` started with the write end
+    of a pipe as fd N; the worker writes one JSON line there when ready and one per ``run ARG`` line it reads on
+    stdin, and stops at ``quit``. Its stdout and stderr go to ``log``; ``name`` labels its errors. Used by
+    ``regenerate.py`` and ``cache_teacher.py`` to time engines that must not share a process."""
+
+    def __init__(self, name: str, argv: list, log, env: dict):
+        import subprocess
+        import sys
+
+        self.name, self.log = name, log
+        r, w = os.pipe()
+        self._logf = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, *map(str, argv), "--fd", str(w)], stdin=subprocess.PIPE,
+                                     stdout=self._logf, stderr=subprocess.STDOUT, pass_fds=(w,), env=env, text=True)
+        os.close(w)
+        self._in = os.fdopen(r, "r")
+        try:
+            import psutil
+
+            self.ps = psutil.Process(self.proc.pid)
+        except ImportError:  # the GPU check's bare interpreter may lack it: no idle-peer figure then
+            self.ps = None
+
+    def read(self) -> dict:
+        """The worker's next JSON line; ``RuntimeError`` with the log's tail when it exited instead."""
+        import json
+
+        line = self._in.readline()
+        if not line:
+            self.proc.wait()
+            tail = self.log.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"{self.name} worker exited {self.proc.returncode}:\n{tail}")
+        return json.loads(line)
+
+    def cpu_s(self) -> float:
+        if self.ps is None:
+            return 0.0
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def run(self, arg: str = "", peers: list = ()) -> dict:
+        """One timed run; also the CPU seconds the other (idle) workers used meanwhile (≈ 0: one side computes
+        at a time) and the 1-min load average before and after."""
+        others = [p for p in peers if p is not self]
+        peer_c0 = sum(p.cpu_s() for p in others)
+        load0 = os.getloadavg()[0]
+        self.proc.stdin.write(f"run {arg}\n")
+        self.proc.stdin.flush()
+        res = self.read()
+        res["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after
+        res["idle_peer_cpu_s"] = round(sum(p.cpu_s() for p in others) - peer_c0, 2)
+        return res
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            self._in.close()
+            self._logf.close()

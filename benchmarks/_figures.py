@@ -29,6 +29,11 @@ FIGURES = [
      "position, image rows once per image)", "reported", "{:.2f}"),
     ("cache_teacher", "tiny_ratio", "cache-teacher stage ÷ bare forward, tiny teacher (head > LM)", "reported",
      "{:.2f}"),
+    ("cache_teacher", "engine_vllm_speedup_over_hf", "cache-teacher `engine=hf` seconds ÷ `engine=vllm` seconds "
+     "(> 1: vLLM faster), 164M teacher, `positions=answer`, the stage's defaults (vLLM eager on CPU)", "reported",
+     "{:.2f}"),
+    ("cache_teacher", "engine_vllm_speedup_over_hf_old", "… the same before issue #23 (vLLM forcer: one request per "
+     "`generate`, `prompt_logprobs`, a forward hook)", "reported", "{:.2f}"),
     ("cache_teacher", "row_bytes_per_row_float16_float32", "cache B/row, Zarr row arrays, fp16 hidden + top-64 "
      "fp32 log-probs (H 768, random-weight teacher)", "—", "{:,.0f}"),
     ("cache_teacher", "row_bytes_per_row_int8_float16", "… int8 hidden + fp16 log-probs", "—", "{:,.0f}"),
@@ -42,6 +47,10 @@ FIGURES = [
     ("cache_teacher", "row_bytes_per_row_sampled16", "logits-only cache, 16 sampled ids (RS-KD), Zarr row arrays "
      "(B/row)", "≤ 48", "{:,.1f}"),
     ("cache_teacher", "bytes_per_row_sampled16", "… whole shard ÷ rows", "reported", "{:,.0f}"),
+    ("cache_teacher", "bytes_per_row_logits_only_topk64_long_answers", "logits-only top-64 (fp16 log-probs), whole "
+     "shard ÷ rows, answers of ~40 tokens (tiny teacher)", "≤ 250", "{:,.1f}"),
+    ("cache_teacher", "bytes_per_row_sampled16_long_answers", "logits-only 16 sampled ids, whole shard ÷ rows, "
+     "answers of ~40 tokens (tiny teacher)", "≤ 48", "{:,.1f}"),
     ("cache_teacher", "rss_ratio_10x", "cache-teacher peak RSS, 10× ÷ 1× the samples (`positions=all`, tiny "
      "teacher)", "≤ 1.1", "{:.3f}"),
     ("cache_teacher", "read_zarr_samples_per_s", "cache read samples/s, Zarr", "—", "{:,.0f}"),
@@ -82,7 +91,7 @@ def _verdict(value: float, target: str) -> str:
 
 def render(results: dict) -> str:
     m = results.get("machine", {})
-    lines = [f"Measured {results.get('timestamp', '?')} by `make bench` on {m.get('nproc')} CPU core(s), "
+    lines = [f"Measured {_when(results)} by `make bench` on {m.get('nproc')} CPU core(s), "
              f"{m.get('cpu_model')}, {m.get('mem_total_gb')} GiB, Python {m.get('python')}; "
              f"max 1-min load average during the runs: {_max_load(results)}.", "",
              "| figure | measured | target | script |", "|---|---|---|---|"]
@@ -95,6 +104,19 @@ def render(results: dict) -> str:
             shown = "—" + (f" ({res['error']})" if "error" in res else "")
         lines.append(f"| {label} | {shown} | {target} | `benchmarks/{script}.py` |")
     return "\n".join(lines)
+
+
+def _when(results: dict) -> str:
+    """The run's timestamp, or, where scripts were rerun alone (``run_all.py --only``, merged into the results
+    file), each date with its scripts: ``measured_at`` of a script's section, else the file's ``timestamp``."""
+    top = str(results.get("timestamp", "?"))
+    dates: dict = {}
+    for name, r in results.items():
+        if isinstance(r, dict) and name not in ("machine", "runtimes_s"):
+            dates.setdefault(str(r.get("measured_at", top))[:10], []).append(name)
+    if len(dates) <= 1:
+        return top
+    return "; ".join(f"{', '.join(names)}: {d}" for d, names in sorted(dates.items())) + " —"
 
 
 def _max_load(results: dict):

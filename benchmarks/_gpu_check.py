@@ -23,6 +23,13 @@ test that keeps this script from rotting, ``tests/test_gpu_check.py``):
              ``llavadi cache-teacher RUN --executor local`` runs it (``pipeline.runner.run_stage``, in
              this process), writing the cache the ``train`` step reads: its rows (one per answer
              token with ``positions=answer``) and answer tokens.
+``engines``  ``benchmarks/cache_teacher.engine_study`` (issue #23): the cache-teacher stage with
+             ``cache_teacher.engine=vllm`` ÷ with ``engine=hf`` on the same teacher and shards — each engine in
+             its own worker process (``STAGE.setup`` + ``STAGE.process``, ``positions=answer``, vLLM's pooling
+             runner compiled with CUDA graphs on GPU), loaded and warmed up on one shard first, then
+             alternated ``engine_reps`` times: ``engine_vllm_speedup_over_hf`` = HF seconds ÷ vLLM seconds
+             (> 1: vLLM faster). Run last (its vLLM start-up compiles: a minute or more), so a budget it
+             overruns costs no other figure; needs vLLM, without it a note says so.
 ``regen``    ``benchmarks/regenerate.bench_workload``, its ``midsize`` requests (64 text prompts,
              answers forced to 8..128 tokens) on the teacher built here, bf16, vLLM's default mode
              (llavadi's settings: on GPU compiled + CUDA graphs, prefix cache): vLLM ÷ HF ``generate``
@@ -64,9 +71,11 @@ FSDP_FIELD = "parallel"  # the train-student config field of issue #15 item 1 (d
 SIZES = {
     "gpu": {"conversations": 192, "shard_size": 64, "answer_words": 24, "cache_reps": 2,
             "regen_workload": "midsize", "steps": 16, "batch": 8, "loader_workers": 2,
-            "vllm_memory": 0.5},  # share of the GPU for vLLM: the HF worker holds the teacher beside it
+            "vllm_memory": 0.5,  # share of the GPU for vLLM: the HF worker holds the teacher beside it
+            "engine_reps": 2},
     "smoke": {"conversations": 12, "shard_size": 6, "answer_words": 3, "cache_reps": 1,
-              "regen_workload": "smoke", "steps": 4, "batch": 2, "loader_workers": 0, "vllm_memory": 0.5},
+              "regen_workload": "smoke", "steps": 4, "batch": 2, "loader_workers": 0, "vllm_memory": 0.5,
+              "engine_reps": 1},
 }
 
 
@@ -216,6 +225,38 @@ def step_cache(a) -> None:
                                     "cached_answer_tokens": rep.counts.get("answer_tokens", 0)})
 
 
+def step_engines(a) -> None:
+    """cache-teacher with ``cache_teacher.engine=vllm`` ÷ with ``engine=hf`` (issue #23) on the teacher built
+    here: ``benchmarks/cache_teacher.engine_study`` (this checkout only), each engine in its own worker
+    process running the stage's own ``STAGE.setup`` + ``STAGE.process`` over the setup step's shards, the
+    stage's defaults (``positions=answer``; vLLM compiled + CUDA graphs on GPU, its share of the GPU
+    ``vllm_memory``), alternated ``engine_reps`` times. Needs vLLM; without it a note says so."""
+    from cache_teacher import engine_study  # benchmarks/cache_teacher.py
+
+    sz = SIZES[a.mode]
+    work = Path(a.work)
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        note(a.out, f"cache-teacher vLLM ÷ HF not measured: vLLM does not import here ({type(e).__name__}: {e})"[:400])
+        return
+    import torch
+
+    kw = {"gpu_memory_utilization": sz["vllm_memory"]} if torch.cuda.is_available() else None
+    r = engine_study(work / "engines", work / "run", work / "data", work / "teacher", sz["engine_reps"],
+                     teacher_kw=kw)
+    keep = ("engine_vllm_speedup_over_hf", "engine_vllm_speedup_over_hf_pair_median", "new_hf_stage_s",
+            "new_vllm_stage_s", "max_loadavg_1m", "reps")
+    sides = {s: {k: r[s][k] for k in ("init_s", "warmup_s", "forcer", "samples", "rows", "stage_s_per_rep",
+                                      "forward_s_per_rep", "device") if k in r[s]} for s in ("new_hf", "new_vllm")}
+    record(a.out, "cache_teacher_engines", {**{k: r[k] for k in keep if k in r}, **sides,
+                                            "settings": "positions=answer, the stage's defaults; vLLM "
+                                                        + ("compiled + CUDA graphs" if kw else "eager (CPU)")})
+    for s in ("new-hf", "new-vllm"):
+        shutil.rmtree(work / "run" / f"cache_teacher-engine-{s}", ignore_errors=True)
+    log(f"cache-teacher vLLM speedup over HF {r['engine_vllm_speedup_over_hf']}")
+
+
 def _free_gpu() -> None:
     import gc
 
@@ -326,7 +367,8 @@ def step_train(a) -> None:
                                         if "ddp_full_kd_topk" in med else None})
 
 
-STEPS = {"env": step_env, "setup": step_setup, "cache": step_cache, "regen": step_regen, "train": step_train}
+STEPS = {"env": step_env, "setup": step_setup, "cache": step_cache, "regen": step_regen, "train": step_train,
+         "engines": step_engines}
 
 
 def main(argv=None) -> int:

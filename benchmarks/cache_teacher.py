@@ -88,11 +88,39 @@ show the box's load. The cache the stage wrote is checked against the bare pass'
     ``CacheReader`` iterated end to end (dequantised float32 samples) with and without sha256
     verification: samples/s and rows/s.
 
+(f) engines (issue #23; ``--no-engines`` skips it, ``--engines-only`` runs only this): cache-teacher with
+    ``cache_teacher.engine=vllm`` ÷ with ``engine=hf`` — the same ``MIDSIZE`` teacher, the same input shards
+    (those above, or ``--engine-conversations`` of its own), ``positions=answer`` and the stage's other
+    defaults (HF ``batch_size`` 8, vLLM ``vllm_requests`` 32 per ``LLM.encode``; vLLM eager on CPU) — for
+    this checkout (``new``) and for the commit before issue #23's forcer (``old``: ``--old-tree PATH``, a
+    checkout of it, or else ``--old-commit``, default :data:`OLD_COMMIT`, extracted with ``git archive``;
+    its vLLM forcer sent one request per ``generate()`` with ``prompt_logprobs=k`` and read the hidden
+    states through a forward hook). Each side (``new:hf``, ``new:vllm``, ``old:hf``, ``old:vllm``) is its
+    own persistent worker process (this file with ``--engine-worker``; vLLM's CPU backend binds the
+    OpenMP threads of the process it runs in, so HF must not share it; the ``old`` sides import the old
+    tree's ``llavadi``) that sets up the forcer as its stage does (``STAGE.setup``) and processes the
+    first shard once untimed; then the driver runs one side's whole pass (``STAGE.process`` on every
+    shard, wall time) at a time, every side in turn, the next repetition in reverse order
+    (``--reps-engines``, default 2). Figures: per side the fastest pass (``new_hf_stage_s``,
+    ``new_vllm_stage_s``, ``old_*``); ``engine_vllm_speedup_over_hf`` = HF seconds ÷ vLLM seconds of the
+    fastest passes (> 1: vLLM faster; ``_old`` before the change); ``*_pair_median`` = the median over
+    repetitions of the two back-to-back passes' ratio; per side the load average around each pass, the
+    CPU seconds the idle workers used meanwhile, engine start-up and warm-up seconds, samples and rows
+    (both engines must cache the same rows). Where vLLM does not import, ``engine_note`` says so.
+(g) logits-only bytes with long answers (``--no-long-answers`` skips it, ``--long-answers-only`` runs only
+    this): (c)'s whole-shard bytes per row carry each sample's fixed cost (id, offsets, token ids, Zarr
+    metadata) over the synthetic data's ~3 answer rows; here ``llavadi cache-teacher`` (tiny teacher,
+    ``hidden_layers=[]``) caches ``--long-answer-conversations`` conversations whose answers carry 24 more
+    words (~40 answer rows each, as real answers have), top-64 with float16 log-probs and 16 sampled ids:
+    ``bytes_per_row_<config>_long_answers`` = bytes of every shard file ÷ cached rows (targets ≤ 250, ≤ 48).
+
 Prints ONE JSON object on stdout's last line (``--out FILE`` also writes it).
 
 Usage: ``.venv/bin/python benchmarks/cache_teacher.py [--models midsize,tiny] [--conversations 160]
 [--shard-size 80] [--reps-midsize 3] [--reps-tiny 3] [--reps-all 1] [--read-samples 4000]
-[--rss-conversations 60] [--rss-shard-size 20] [--no-rss] [--out FILE] [--workdir D]``
+[--rss-conversations 60] [--rss-shard-size 20] [--no-rss] [--[no-]engines] [--engines-only]
+[--reps-engines 2] [--engine-conversations N] [--old-tree PATH | --old-commit REV] [--[no-]long-answers]
+[--long-answers-only] [--long-answer-conversations 200] [--out FILE] [--workdir D]``
 """
 from __future__ import annotations
 
@@ -100,7 +128,7 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _common import emit, machine_info as _common_machine_info, run_cli_peak  # noqa: E402
+from _common import PipeWorker, emit, machine_info as _common_machine_info, run_cli_peak  # noqa: E402
 
 import argparse
 import json
@@ -124,6 +152,12 @@ TOP_K, SAMPLES = 64, 16
 EXACT_KD_ROWS = 512
 READ_SHARDS = 4
 INTERLEAVED_BATCHES = 16
+# (f) "before": the parent of the commit that moved the vLLM forcer onto the pooling runner (4d4308f,
+# issue #23): one request per generate(), prompt_logprobs, a forward hook installed with apply_model
+OLD_COMMIT = "e09b16c"
+ENGINE_HEADLINE = ("engine_vllm_speedup_over_hf", "engine_vllm_speedup_over_hf_pair_median", "new_hf_stage_s",
+                   "new_vllm_stage_s", "engine_vllm_speedup_over_hf_old", "engine_vllm_speedup_over_hf_old_pair_median",
+                   "old_hf_stage_s", "old_vllm_stage_s", "same_rows_all_sides", "engine_note")
 
 
 def configs() -> list[tuple[str, dict]]:
@@ -167,13 +201,17 @@ def _env() -> dict:
 
 # --------------------------------------------------------------------------- setup
 
-def make_run(work: Path, n: int, shard_size: int) -> tuple[Path, Path, dict]:
-    """``n`` synthetic conversations in ``work/data``, ingested into ``work/run/data`` (the stage's
-    ``source=data``)."""
+def make_run(work: Path, n: int, shard_size: int, answer_words: int = 0) -> tuple[Path, Path, dict]:
+    """``n`` synthetic conversations in ``work/data`` (``answer_words`` filler words appended to every answer),
+    ingested into ``work/run/data`` (the stage's ``source=data``)."""
     from llavadi.stages.demo.synthetic_vqa import generate
 
     root = work / "data"
     js = generate(root, n, seed=0, split="bench")
+    if answer_words:
+        from train_student import lengthen_answers  # benchmarks/train_student.py
+
+        lengthen_answers(js, answer_words, seed=5)
     recs = json.loads(js.read_text())
     kinds = {"conversations": len(recs), "with_image": sum(1 for r in recs if r.get("image")),
              "multi_turn": sum(1 for r in recs if len(r["conversations"]) > 2),
@@ -547,6 +585,39 @@ def bytes_study(work: Path, name: str, samples: list[dict], forcer, seed: int = 
     return out
 
 
+# --------------------------------------------------------------------------- (g) logits-only bytes, long answers
+
+LONG_ANSWER_WORDS = 24  # filler words appended to every answer: ~40 answer rows per conversation, as in LLaVA data
+
+
+def long_answer_bytes(work: Path, model_dir: Path, n: int) -> dict:
+    """(g): the logits-only caches as ``llavadi cache-teacher`` writes them (``hidden_layers=[]``; top-64 with
+    float16 log-probs, and 16 sampled ids) on ``n`` conversations whose answers carry ``LONG_ANSWER_WORDS`` more
+    words (``benchmarks/train_student.lengthen_answers``), so a sample's fixed cost (its id, offsets, token ids,
+    Zarr metadata) is spread over tens of rows as with real answers, not the ~3 of the synthetic ones: bytes of
+    every file of the shards ÷ cached rows."""
+    from llavadi.schemas.teacher_cache import read_index
+
+    d = work / "long-answers"
+    out = {"conversations": n, "answer_words_appended": LONG_ANSWER_WORDS, "teacher": model_dir.name}
+    for key, keys in (("logits_only_topk64", ["cache_teacher.top_k=64", "cache_teacher.logprob_dtype=float16"]),
+                      ("sampled16", ["cache_teacher.logits=sampled", f"cache_teacher.samples={SAMPLES}"])):
+        run, _root, _kinds = make_run(d / key, n, max(1, n // 2), LONG_ANSWER_WORDS)
+        p = subprocess.run([sys.executable, "-m", "llavadi.cli", "cache-teacher", str(run), "--teacher", str(model_dir),
+                            "--executor", "local", "cache_teacher.source=data", "cache_teacher.hidden_layers=[]", *keys],
+                           capture_output=True, text=True, env=_env())
+        if p.returncode != 0:
+            raise RuntimeError(f"cache-teacher ({key}) exited {p.returncode}: {p.stderr[-2000:]}")
+        cache = run / "cache_teacher"
+        shards = read_index(cache)["shards"]
+        rows = sum(s["n_rows"] for s in shards)
+        nbytes = sum(f.stat().st_size for s in shards for f in (cache / s["file"]).rglob("*") if f.is_file())
+        out[key] = {"rows": rows, "samples": sum(s["n_samples"] for s in shards), "bytes": nbytes,
+                    "bytes_per_row": round(nbytes / max(rows, 1), 1)}
+    shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
 # --------------------------------------------------------------------------- (d) memory
 
 def rss_study(work: Path, model_dir: Path, n: int, shard_size: int) -> dict:
@@ -630,6 +701,233 @@ def read_rate(work: Path, samples: list[dict], forcer, n_target: int, seed: int 
     return res
 
 
+# --------------------------------------------------------------------------- (f) engines
+
+ENGINE_SIDES = ("new:hf", "new:vllm", "old:hf", "old:vllm")
+
+
+def engine_worker_main(spec_path: str, fd: int) -> int:
+    """One side of the engine study (f), a persistent subprocess: the ``llavadi`` on ``PYTHONPATH`` (this
+    checkout, or ``--old-tree``'s) loads the teacher as its cache-teacher stage does
+    (``STAGE.setup``: ``make_forcer`` of ``cache_teacher.engine``), processes the first shard once untimed,
+    then on every ``run`` line calls ``STAGE.process`` on every input shard and answers one JSON line.
+    Only APIs the old commit has too (``load_config``, ``StageDir``, ``StageContext``, ``ShardTask``,
+    ``STAGE.setup/process``)."""
+    spec = json.loads(Path(spec_path).read_text())
+    out = os.fdopen(fd, "w", buffering=1)
+    import torch
+
+    import llavadi
+    from llavadi.pipeline.config import load_config
+    from llavadi.pipeline.rundir import StageDir
+    from llavadi.pipeline.stage import ShardTask, StageContext
+    from llavadi.stages.cache_teacher import STAGE
+
+    run = Path(spec["run"])
+    cfg = load_config({"teacher": {"model": spec["model"], **spec.get("teacher", {})},
+                       "ingest": {"image_root": spec["image_root"]},
+                       "cache_teacher": {"source": "data", "engine": spec["engine"]}})
+    up = StageDir(run, "data")
+    shards = up.done_indices()
+    sd = StageDir(run, spec["stage_dir"], STAGE.ext_for(cfg))
+    sd.mkdirs()
+    ctx = StageContext(run_dir=run, stage=sd, cfg=cfg, fingerprint="bench", upstream=up)
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t = time.perf_counter()
+    forcer = STAGE.setup(ctx)
+    init_s = time.perf_counter() - t
+
+    def one(i: int):
+        t0 = time.perf_counter()
+        o = STAGE.process(ctx, forcer, ShardTask(i, str(up.data_file(i))))
+        sync()
+        return time.perf_counter() - t0, o
+
+    warm_s, _ = one(shards[0])  # steady state: allocator, kernels, lazy imports, vLLM's first batches
+    out.write(json.dumps({"event": "ready", "init_s": round(init_s, 2), "warmup_s": round(warm_s, 2),
+                          "llavadi": str(Path(llavadi.__file__).resolve().parent), "forcer": type(forcer).__name__,
+                          "torch_threads": torch.get_num_threads(),
+                          "vllm_in_process": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0",
+                          "device": torch.cuda.get_device_name(0) if cuda else "cpu"}) + "\n")
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        t0, c0 = time.perf_counter(), time.process_time()
+        per, outs = [], []
+        for i in shards:
+            s, o = one(i)
+            per.append(s)
+            outs.append(o)
+        res = {"event": "result", "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+               "shard_s": per, "samples": sum(o.counts["out"] for o in outs),
+               "rejected": sum(sum(o.counts["rejected"].values()) for o in outs),
+               "rows": sum(o.counts.get("rows", o.counts.get("tokens", 0)) for o in outs),
+               "forward_seconds": sum(o.stats["forward_seconds"] for o in outs),
+               "stage_seconds": sum(o.stats["stage_seconds"] for o in outs)}
+        out.write(json.dumps(res) + "\n")
+    return 0
+
+
+class EngineWorker(PipeWorker):
+    """Driver-side handle of one :func:`engine_worker_main` subprocess (``side`` = ``new|old:hf|vllm``)."""
+
+    def __init__(self, side: str, work: Path, run: Path, image_root: Path, model_dir: Path, pythonpath: str,
+                 teacher_kw: dict | None = None):
+        self.side = side
+        engine = side.split(":")[1]
+        tag = side.replace(":", "-")
+        spec = work / f"engine-{tag}.in.json"
+        spec.write_text(json.dumps({"run": str(run), "image_root": str(image_root), "model": str(model_dir),
+                                    "engine": engine, "stage_dir": f"cache_teacher-engine-{tag}",
+                                    "teacher": teacher_kw or {}}))
+        env = _env()
+        env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if engine == "vllm":  # the engine in the worker's process, as regenerate's benchmark runs it
+            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        super().__init__(f"engine {side}", [Path(__file__).resolve(), "--engine-worker", spec],
+                         work / f"engine-{tag}.log", env)
+        self.ready = None
+
+    def wait_ready(self) -> dict:
+        self.ready = self.read()
+        return self.ready
+
+
+def engine_study(work: Path, run: Path, image_root: Path, model_dir: Path, reps: int, old_tree: str | None = None,
+                 teacher_kw: dict | None = None) -> dict:
+    """(f): cache-teacher with ``cache_teacher.engine=vllm`` ÷ with ``engine=hf``, this checkout and (with
+    ``old_tree``) the commit before issue #23's forcer, each side its own persistent worker
+    (:func:`engine_worker_main`; vLLM's CPU backend binds the OpenMP threads of the process it runs in,
+    so no two sides share one). All load and warm up first; then the driver runs every side's whole
+    ``STAGE.process`` pass over every shard in turn, one side at a time, the next repetition in reverse
+    order. Per side the fastest repetition; ``*_speedup_over_hf`` = HF seconds ÷ vLLM seconds (> 1: vLLM
+    faster) from the fastest runs, and ``*_pair_median`` the median over repetitions of the two
+    back-to-back runs' ratio."""
+    work.mkdir(parents=True, exist_ok=True)
+    here = Path(__file__).resolve().parent.parent
+    # `llavadi` must resolve to this checkout: a folder whose `llavadi` entry is it
+    link_dir = work / "path-new"
+    link_dir.mkdir(exist_ok=True)
+    if not (link_dir / "llavadi").exists():
+        (link_dir / "llavadi").symlink_to(here)
+    paths = {"new": str(link_dir)}
+    sides = ["new:hf", "new:vllm"]
+    res: dict = {"positions": "answer", "teacher": model_dir.name, "reps": reps}
+    if old_tree:
+        old = Path(old_tree).resolve()
+        if (old / "llavadi").is_dir():  # a folder holding the old `llavadi`
+            paths["old"] = str(old)
+        else:  # the old checkout itself
+            old_link = work / "path-old"
+            old_link.mkdir(exist_ok=True)
+            if not (old_link / "llavadi").exists():
+                (old_link / "llavadi").symlink_to(old)
+            paths["old"] = str(old_link)
+        sides += ["old:hf", "old:vllm"]
+    workers = []
+    try:
+        for s in sides:
+            t = time.perf_counter()
+            w = EngineWorker(s, work, run, image_root, model_dir, paths[s.split(":")[0]], teacher_kw)
+            workers.append(w)
+            w.wait_ready()  # one at a time: loads and warm-ups do not compete for the cores
+            log(f"engines {s}: ready in {time.perf_counter() - t:.1f}s ({w.ready['forcer']}, init {w.ready['init_s']}s, "
+                f"warm-up {w.ready['warmup_s']}s)")
+        times = {s: [] for s in sides}
+        runs = {s: [] for s in sides}
+        for rep in range(reps):
+            order = workers if rep % 2 == 0 else workers[::-1]
+            for w in order:
+                r = w.run(peers=workers)
+                times[w.side].append(r["wall_s"])
+                runs[w.side].append(r)
+                log(f"engines rep {rep} {w.side}: {r['wall_s']:.2f}s (load {r['loadavg_1m']})")
+    finally:
+        for w in workers:
+            w.close()
+    for w in workers:
+        s = w.side.replace(":", "_")
+        rr = runs[w.side]
+        res[s] = {**{k: v for k, v in w.ready.items() if k != "event"}, "stage_s": round(min(times[w.side]), 3),
+                  "stage_s_per_rep": [round(x, 3) for x in times[w.side]],
+                  "forward_s_per_rep": [round(r["forward_seconds"], 3) for r in rr],
+                  "cpu_s_per_rep": [round(r["cpu_s"], 2) for r in rr],
+                  "loadavg_1m_per_rep": [r["loadavg_1m"] for r in rr],
+                  "idle_peer_cpu_s_per_rep": [r["idle_peer_cpu_s"] for r in rr],
+                  "samples": rr[0]["samples"], "rejected": rr[0]["rejected"], "rows": rr[0]["rows"]}
+    for tree in ("new", "old"):
+        if f"{tree}:hf" not in times:
+            continue
+        hf, vl = times[f"{tree}:hf"], times[f"{tree}:vllm"]
+        key = "engine_vllm_speedup_over_hf" + ("" if tree == "new" else "_old")
+        res[key] = round(min(hf) / min(vl), 4)
+        res[key + "_pair_median"] = round(statistics.median(h / v for h, v in zip(hf, vl)), 4)
+        res[f"{tree}_hf_stage_s"] = round(min(hf), 3)
+        res[f"{tree}_vllm_stage_s"] = round(min(vl), 3)
+    # every side cached the same samples and rows (answer rows: one per answer token)
+    res["same_rows_all_sides"] = len({(r["samples"], r["rows"]) for s in sides for r in runs[s]}) == 1
+    loads = [x for s in sides for r in runs[s] for x in r["loadavg_1m"]]
+    res["max_loadavg_1m"] = max(loads) if loads else None
+    return res
+
+
+def old_tree_from_git(work: Path, rev: str) -> tuple[Path | None, str]:
+    """(a folder holding commit ``rev`` of this repository's files, its short hash) by ``git archive``, or
+    (None, why) where this checkout has no git history or no such commit."""
+    repo = Path(__file__).resolve().parent.parent
+    h = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", f"{rev}^{{commit}}"], capture_output=True,
+                       text=True)
+    if h.returncode != 0:
+        return None, f"commit {rev} not found in {repo}: {h.stderr.strip()[:200]}"
+    d = work / f"old-{h.stdout.strip()}"
+    if not d.exists():
+        d.mkdir(parents=True)
+        a = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", rev], capture_output=True)
+        if a.returncode != 0:
+            shutil.rmtree(d, ignore_errors=True)
+            return None, f"git archive {rev} failed: {a.stderr.decode(errors='replace')[:200]}"
+        subprocess.run(["tar", "-x", "-C", str(d)], input=a.stdout, check=True)
+    return d, h.stdout.strip()
+
+
+def run_engines(args, work: Path, run: Path, image_root: Path, model_dir: Path) -> dict:
+    """(f) with the command line's settings; a note instead where vLLM does not import here."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        log(f"engines: not measured, vLLM does not import ({type(e).__name__})")
+        return {"engine_note": f"not measured: vLLM does not import here ({type(e).__name__}: {e})"[:300]}
+    t = time.perf_counter()
+    d = work / "engines"
+    if args.engine_conversations:
+        run, image_root, kinds = make_run(d / "data", args.engine_conversations, args.shard_size)
+    else:
+        kinds = None
+    old, old_commit, why = args.old_tree, None, None
+    if old:
+        tree = Path(old) / "llavadi" if (Path(old) / "llavadi").is_dir() else Path(old)
+        h = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        old_commit = h.stdout.strip() if h.returncode == 0 else None
+    elif args.old_commit:
+        old, got = old_tree_from_git(d, args.old_commit)
+        old_commit, why = (got, None) if old else (None, got)
+    else:
+        why = "--old-commit ''"
+    res = engine_study(d, run, image_root, model_dir, max(1, args.reps_engines), old_tree=old and str(old))
+    if kinds is not None:
+        res["data"] = {**kinds, "shard_size": args.shard_size}
+    if old:
+        res["old_commit"] = old_commit
+    else:
+        res["engine_note"] = f"'before' not measured: {why}"
+    log(f"engines {time.perf_counter() - t:.1f}s: vLLM speedup over HF {res.get('engine_vllm_speedup_over_hf')} "
+        f"(before: {res.get('engine_vllm_speedup_over_hf_old')})")
+    shutil.rmtree(d / "data", ignore_errors=True)
+    return res
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -644,12 +942,34 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-conversations", type=int, default=60, help="conversations of the 1x memory run (default 60)")
     ap.add_argument("--rss-shard-size", type=int, default=20, help="rows per input shard in the memory runs")
     ap.add_argument("--no-rss", action="store_true", help="skip the memory runs (d)")
+    ap.add_argument("--long-answers", action=argparse.BooleanOptionalAction, default=True,
+                    help="(g) logits-only caches on conversations with long answers, tiny teacher (default on)")
+    ap.add_argument("--long-answers-only", action="store_true", help="run (g) only")
+    ap.add_argument("--long-answer-conversations", type=int, default=200, help="(g): conversations (default 200)")
+    ap.add_argument("--engines", action=argparse.BooleanOptionalAction, default=True,
+                    help="(f) cache-teacher with engine=vllm vs engine=hf on the mid-size teacher (default on; "
+                         "skipped with a note where vLLM does not import)")
+    ap.add_argument("--engines-only", action="store_true", help="run (f) only (data + the mid-size teacher)")
+    ap.add_argument("--reps-engines", type=int, default=2, help="timing repetitions of each engine side (default 2)")
+    ap.add_argument("--engine-conversations", type=int, default=0,
+                    help="conversations of the engine study's own data (default 0: the --conversations data)")
+    ap.add_argument("--old-tree", default=None,
+                    help="(f) 'before': a checkout of the old commit, or a folder holding it as llavadi/ "
+                         "(default: --old-commit extracted with git archive)")
+    ap.add_argument("--old-commit", default=OLD_COMMIT,
+                    help=f"(f) 'before' commit when no --old-tree (default {OLD_COMMIT}; '' = not measured)")
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed afterwards)")
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m.strip()]
     if not models or any(m not in ("midsize", "tiny") for m in models):
         ap.error("--models takes midsize and/or tiny")
+    if args.engines_only:
+        if not args.engines:
+            ap.error("--engines-only with --no-engines runs nothing")
+        models = []
+    if args.long_answers_only:
+        models, args.engines, args.no_rss, args.long_answers = [], False, True, True
 
     t_start = time.perf_counter()
     machine = machine_info()
@@ -658,7 +978,7 @@ def main(argv=None) -> int:
     result: dict = {"benchmark": "cache_teacher", "target_ratio": TARGET_RATIO,
                     "target_bytes_per_row_logits_only_topk64": TARGET_TOPK64_LOGITS_ONLY,
                     "target_bytes_per_row_sampled16": TARGET_SAMPLED16, "target_rss_ratio": TARGET_RSS}
-    rss = None
+    rss = engines = rr = longa = None
     try:
         run, image_root, kinds = make_run(work, args.conversations, args.shard_size)
         result["data"] = {**kinds, "shard_size": args.shard_size}
@@ -693,12 +1013,25 @@ def main(argv=None) -> int:
                 log(f"read rate {time.perf_counter() - t:.1f}s")
                 read_src = name
             del forcer, samples
+            if name == "midsize" and args.engines:
+                engines = run_engines(args, work, run, image_root, model_dir)
             if name == "tiny" and not args.no_rss:
                 t = time.perf_counter()
                 rss = rss_study(work, model_dir, args.rss_conversations, args.rss_shard_size)
                 log(f"rss study {time.perf_counter() - t:.1f}s: ratio {rss['rss_ratio_10x']}")
             shutil.rmtree(model_dir, ignore_errors=True)
-        if rss is None and not args.no_rss:  # the memory runs use the tiny teacher, whatever --models says
+        if engines is None and args.engines:  # the engine study uses the mid-size teacher, whatever --models says
+            model_dir = build_model(work, "midsize")
+            engines = run_engines(args, work, run, image_root, model_dir)
+            shutil.rmtree(model_dir, ignore_errors=True)
+        if args.long_answers and not args.engines_only:
+            model_dir = build_model(work, "tiny")
+            t = time.perf_counter()
+            longa = long_answer_bytes(work, model_dir, args.long_answer_conversations)
+            log(f"long answers {time.perf_counter() - t:.1f}s: " + ", ".join(
+                f"{k} {longa[k]['bytes_per_row']} B/row" for k in ("logits_only_topk64", "sampled16")))
+            shutil.rmtree(model_dir, ignore_errors=True)
+        if rss is None and not args.no_rss and not args.engines_only:  # the memory runs use the tiny teacher
             model_dir = build_model(work, "tiny")
             t = time.perf_counter()
             rss = rss_study(work, model_dir, args.rss_conversations, args.rss_shard_size)
@@ -726,18 +1059,30 @@ def main(argv=None) -> int:
         if f"bytes_per_row_{key}" in result:
             result[f"meets_target_{key}"] = result[f"bytes_per_row_{key}"] <= target
             result[f"meets_target_row_bytes_{key}"] = result[f"row_bytes_per_row_{key}"] <= target
+    if longa is not None:
+        for key in ("logits_only_topk64", "sampled16"):
+            result[f"bytes_per_row_{key}_long_answers"] = longa[key]["bytes_per_row"]
+        result["long_answers"] = longa
     if rss is not None:
         result["rss_ratio_10x"] = rss["rss_ratio_10x"]
         result["rss_growth_mb_10x"] = rss["rss_growth_mb_10x"]
         result["rss_meets_target"] = rss["meets_target"]
-    for store in ("zarr", "webdataset"):
-        result[f"read_{store}_samples_per_s"] = rr[f"{store}_samples_per_s"]
-        result[f"read_{store}_rows_per_s"] = rr[f"{store}_rows_per_s"]
+    if rr is not None:
+        for store in ("zarr", "webdataset"):
+            result[f"read_{store}_samples_per_s"] = rr[f"{store}_samples_per_s"]
+            result[f"read_{store}_rows_per_s"] = rr[f"{store}_rows_per_s"]
+    if engines is not None:
+        for k in ENGINE_HEADLINE:
+            if k in engines:
+                result[k] = engines[k]
     result["runs"] = runs
     result["configs"] = table
-    result["read"] = rr
+    if rr is not None:
+        result["read"] = rr
     if rss is not None:
         result["rss"] = rss
+    if engines is not None:
+        result["engines"] = engines
     result["machine"] = machine
     try:
         result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -749,4 +1094,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--engine-worker"]:  # one side of (f): engine_study starts it
+        sys.exit(engine_worker_main(sys.argv[2], int(sys.argv[sys.argv.index("--fd") + 1])))
     sys.exit(main())

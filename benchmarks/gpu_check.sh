@@ -6,6 +6,7 @@
 #   regenerate vLLM ÷ HF generate tokens/s              target ≥ 3
 #   student steps/s with DDP and FSDP on the GPUs there
 #   KD step ÷ CE-only step (top-k and exact KD)         target ≤ 1.15
+#   cache-teacher engine=vllm ÷ engine=hf (issue #23)   reported (last: its vLLM start-up compiles)
 #
 # on a teacher built there at a realistic width (LLaVA-1.5 layout: ViT-L/14-336 tower + a 1.1B-class
 # Llama LM, ≈ 1.5B parameters, random weights, bf16) and a ≈ 0.6B student. What each figure is:
@@ -17,7 +18,8 @@
 #         bash benchmarks/gpu_check.sh --dry-run  # print the plan, run nothing
 # Environment: OUT (results folder; default a new temp folder), BUDGET_S, PYTHON (interpreter to use:
 # skips the install), WHEELS (folder of wheels to install offline; default .whl/), GPU_CHECK_WORK
-# (scratch folder, kept; default a temp folder, removed), GPU_CHECK_CAPS ("step=seconds …": per-step caps).
+# (scratch folder, kept; default a temp folder, removed), GPU_CHECK_CAPS ("step=seconds …": per-step caps),
+# GPU_CHECK_STEPS (the steps to run, in the default order; e.g. "env setup engines" for one figure).
 #
 # Python: with network, the project's own GPU setup (.ci/setup-venv.sh in a fresh venv: the CUDA
 # `vllm` wheel, which brings its torch, + requirements.txt + llavadi). Without network (this
@@ -48,15 +50,24 @@ for arg in "$@"; do
   case "$arg" in
     --smoke) MODE=smoke ;;
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $arg (--smoke, --dry-run, --help)" >&2; exit 2 ;;
   esac
 done
 if [[ $MODE == smoke ]]; then BUDGET_S=${BUDGET_S:-240}; else BUDGET_S=${BUDGET_S:-470}; fi
 # per-step caps (s); each step also stops where the budget ends
-declare -A CAP=([install]=330 [env]=60 [setup]=150 [regen]=200 [cache]=150 [train]=240)
+declare -A CAP=([install]=330 [env]=60 [setup]=150 [regen]=200 [cache]=150 [train]=240 [engines]=180)
 for kv in ${GPU_CHECK_CAPS:-}; do CAP[${kv%%=*}]=${kv#*=}; done  # e.g. GPU_CHECK_CAPS="regen=5" (tests)
-STEPS=(env setup regen cache train)  # regen right after setup: it needs only the teacher
+# regen right after setup: it needs only the teacher; engines last: two more teacher loads, vLLM's compiled
+ALL_STEPS=(env setup regen cache train engines)
+STEPS=()
+for s in "${ALL_STEPS[@]}"; do
+  [[ -z ${GPU_CHECK_STEPS:-} || " $GPU_CHECK_STEPS " == *" $s "* ]] && STEPS+=("$s")
+done
+for s in ${GPU_CHECK_STEPS:-}; do
+  [[ " ${ALL_STEPS[*]} " == *" $s "* ]] || { echo "gpu_check.sh: GPU_CHECK_STEPS: no step $s (${ALL_STEPS[*]})" >&2; exit 2; }
+done
+want() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 
 if (( DRY )); then
   echo "gpu_check.sh plan: mode=$MODE budget=${BUDGET_S}s out=${OUT:-<temp folder>}"
@@ -152,14 +163,19 @@ echo "[gpu-check] mode=$MODE python=$PY work=$WORK out=$OUT" >&2
 
 # ------------------------------------------------------------------ steps
 ARGS=(--mode "$MODE" --work "$WORK" --out "$JSON")
-run_step env "$PY" "$DRV" env "${ARGS[@]}" || true
-if ! run_step setup "$PY" "$DRV" setup "${ARGS[@]}"; then
+want env && { run_step env "$PY" "$DRV" env "${ARGS[@]}" || true; }
+if want setup && ! run_step setup "$PY" "$DRV" setup "${ARGS[@]}"; then
   note "setup failed: no teacher or data, nothing else can run"
   exit 1
 fi
-run_step regen "$PY" "$DRV" regen "${ARGS[@]}" || true
-if run_step cache "$PY" "$DRV" cache "${ARGS[@]}"; then
-  run_step train "$PY" "$DRV" train "${ARGS[@]}" || true
-else
-  note "train: not run (it trains from the cache the cache step writes)"
+want regen && { run_step regen "$PY" "$DRV" regen "${ARGS[@]}" || true; }
+if want cache; then
+  if run_step cache "$PY" "$DRV" cache "${ARGS[@]}"; then
+    want train && { run_step train "$PY" "$DRV" train "${ARGS[@]}" || true; }
+  else
+    want train && note "train: not run (it trains from the cache the cache step writes)"
+  fi
+elif want train; then
+  run_step train "$PY" "$DRV" train "${ARGS[@]}" || true  # a cache from an earlier run in GPU_CHECK_WORK
 fi
+want engines && { run_step engines "$PY" "$DRV" engines "${ARGS[@]}" || true; }

@@ -80,14 +80,13 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _common import emit, machine_info  # noqa: E402
+from _common import PipeWorker, emit, machine_info  # noqa: E402
 
 import argparse
 import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -281,68 +280,22 @@ def worker_main(kind: str, spec_path: str, fd: int) -> int:
     return 0
 
 
-class Worker:
+class Worker(PipeWorker):
     """Driver-side handle of one persistent worker subprocess."""
 
     def __init__(self, kind: str, work: Path, name: str, model_dir: Path, qs: list[str], lens: list[int],
                  dtype: str = "float32", teacher_kw: dict | None = None):
-        import psutil
-
         self.kind = kind
         tag = kind.replace(":", "-")
         spec = work / f"{tag}-{name}.in.json"
         spec.write_text(json.dumps({"model": str(model_dir), "questions": qs, "lengths": lens, "dtype": dtype,
                                     "teacher": teacher_kw or {}}))
-        self.log = work / f"{tag}-{name}.log"
         env = dict(os.environ)
         if kind.startswith("vllm:"):
             env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2")
-        r, w = os.pipe()
-        self._logf = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", kind,
-                                      "--spec", str(spec), "--fd", str(w)], stdin=subprocess.PIPE,
-                                     stdout=self._logf, stderr=subprocess.STDOUT, pass_fds=(w,), env=env, text=True)
-        os.close(w)
-        self._in = os.fdopen(r, "r")
-        self.ps = psutil.Process(self.proc.pid)
-        self.ready = self._read()
-
-    def _read(self) -> dict:
-        line = self._in.readline()
-        if not line:
-            self.proc.wait()
-            tail = self.log.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"{self.kind} worker exited {self.proc.returncode}:\n{tail}")
-        return json.loads(line)
-
-    def cpu_s(self) -> float:
-        t = self.ps.cpu_times()
-        return t.user + t.system
-
-    def run(self, arg: str = "", peers: "list[Worker]" = ()) -> dict:
-        """One timed run; also the CPU seconds the other (idle) workers used meanwhile."""
-        others = [p for p in peers if p is not self]
-        peer_c0 = sum(p.cpu_s() for p in others)
-        load0 = os.getloadavg()[0]
-        self.proc.stdin.write(f"run {arg}\n")
-        self.proc.stdin.flush()
-        res = self._read()
-        res["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after
-        res["idle_peer_cpu_s"] = round(sum(p.cpu_s() for p in others) - peer_c0, 2)
-        return res
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=60)
-        except Exception:  # noqa: BLE001
-            self.proc.kill()
-            self.proc.wait()
-        finally:
-            self._in.close()
-            self._logf.close()
+        super().__init__(kind, [Path(__file__).resolve(), "--worker", kind, "--spec", spec], work / f"{tag}-{name}.log",
+                         env)
+        self.ready = self.read()
 
 
 # --------------------------------------------------------------------------- driver

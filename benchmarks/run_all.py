@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     for s in scripts:
         name = s.stem if s.stem not in RESERVED else f"{s.stem}_bench"
         res, wall = run_one(s, args.timeout)
+        res["measured_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         results[name] = res
         results["runtimes_s"][name] = round(wall, 1)
         if "error" in res:

@@ -184,7 +184,10 @@ class CacheTeacherConfig:
     cache holds is declared by these keys (``schemas/teacher_cache/fields.py``)."""
 
     source: Literal["regenerate", "data"] = "regenerate"  # the study's regenerated-or-original ablation
-    engine: Literal["hf", "vllm"] = "hf"  # what runs the teacher-forced pass: transformers or vLLM
+    # what runs the teacher-forced pass: hf = transformers, vllm = vLLM's pooling runner (final layer only).
+    # Default hf: every family and layer, no vLLM install or engine start-up; vllm's pass measured faster on
+    # the 164M benchmark teacher (benchmarks/cache_teacher.py; README: Engines), expected more so on GPU
+    engine: Literal["hf", "vllm"] = "hf"
     # rows kept: answer = positions predicting answer tokens; text = + prompt/system positions; all = + image positions
     positions: Literal["answer", "text", "all"] = "answer"
     # decoder layers cached per row, as output_hidden_states indexes them (-1 = final post-norm); [] = logits-only cache

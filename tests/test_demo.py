@@ -3,13 +3,22 @@ teacher): every arm is in the report with each seed's point and the learning cur
 block renders from results.json, and a rerun reuses the finished stages."""
 import json
 
+import pytest
+
 from conftest import cli, status_json
 
 ARMS = ["ce", "ce+kd", "ce+feat", "llavadi", "llavadi+regen"]
 
 
-def test_demo_smoke_runs_every_arm_and_reuses_on_rerun(tmp_path):
-    root = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """One demo folder for the default run and the study: ``--study`` reuses the default run's teacher, data,
+    stage-1 student and held-out cache, as it does after ``make demo``."""
+    return tmp_path_factory.mktemp("demo") / "demo"
+
+
+def test_demo_smoke_runs_every_arm_and_reuses_on_rerun(demo_root, tmp_path):
+    root = demo_root
     p = cli("demo", "--run-dir", root, "--profile", "smoke", "--executor", "local", timeout=900)
     res = json.loads((root / "results.json").read_text())
     assert [r["arm"] for r in res["results"]] == ARMS and not any("skipped" in r for r in res["results"])
@@ -54,14 +63,14 @@ def test_demo_smoke_runs_every_arm_and_reuses_on_rerun(tmp_path):
     assert strip(json.loads((root / "results.json").read_text())["results"]) == strip(res["results"])
 
 
-def test_demo_study_smoke_trains_every_arm_of_the_study_preset(tmp_path):
+def test_demo_study_smoke_trains_every_arm_of_the_study_preset(demo_root, tmp_path):
     """``llavadi demo --study`` at smoke size: every arm of configs/sweeps/llavadi_study.yaml trained through
     `sweep` from one cache holding every row kind, layers -1 and 2 and the affinity; the README block renders."""
     import yaml
 
     from llavadi.stages.demo.study import BEGIN, END, PRESET, update_readme
 
-    root = tmp_path / "demo"
+    root = demo_root
     cli("demo", "--run-dir", root, "--profile", "smoke", "--study", "--executor", "local", timeout=1800)
     res = json.loads((root / "study_results.json").read_text())
     arms = list(yaml.safe_load(PRESET.read_text())["arms"])

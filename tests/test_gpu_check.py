@@ -27,9 +27,12 @@ def test_script_parses_and_prints_its_plan():
     p = gpu_check("--dry-run")
     assert p.returncode == 0, p.stderr
     assert "mode=gpu budget=470s" in p.stdout  # ≤ 8 minutes, install included
-    for step in ("install", "env", "setup", "regen", "cache", "train"):
+    for step in ("install", "env", "setup", "regen", "cache", "train", "engines"):
         assert f"  {step}:" in p.stdout
     assert gpu_check("--bogus").returncode == 2
+    one = gpu_check("--dry-run", env={"GPU_CHECK_STEPS": "env setup engines"})  # one figure's steps only
+    assert one.returncode == 0 and "  engines:" in one.stdout and "  train:" not in one.stdout
+    assert gpu_check("--dry-run", env={"GPU_CHECK_STEPS": "setup bogus"}).returncode == 2
 
 
 def _leftovers(marker: str) -> list[str]:
@@ -57,12 +60,16 @@ def test_smoke_runs_every_step_and_writes_every_figure(tmp_path):
     assert json.loads(p.stdout.strip().splitlines()[-1]) == d  # the JSON is also stdout's last line
     has_fsdp = "parallel" in TrainStudentConfig.__dataclass_fields__
     assert d["mode"] == "smoke" and d["env"]["gpus"] == 0 and d["env"]["torch"]
-    assert set(d["step_seconds"]) == {"env", "setup", "regen", "cache", "train"}
+    assert set(d["step_seconds"]) == {"env", "setup", "regen", "cache", "train", "engines"}
     assert d["setup"]["teacher"]["params_m"] > d["setup"]["student"]["params_m"] > 0
     c = d["cache_teacher"]
     # positions=answer (the default): one row per answer token
     assert c["ratio"] > 0 and c["bare_forward_s"] > 0
     assert c["cached_rows"] == c["cached_answer_tokens"] == c["answer_tokens"] > 0
+    e = d["cache_teacher_engines"]  # the stage with engine=vllm vs engine=hf, on the same shards
+    assert e["engine_vllm_speedup_over_hf"] > 0 and e["new_hf_stage_s"] > 0 and e["new_vllm_stage_s"] > 0
+    assert e["new_vllm"]["forcer"] == "VLLMTeacherForcer" and e["new_hf"]["forcer"] == "HFTeacherForcer"
+    assert e["new_vllm"]["rows"] == e["new_hf"]["rows"] == c["answer_tokens"]
     r = d["regenerate"]
     assert r["ratio_vllm_over_hf_best"] > 0 and r["total_generated_tokens"] == 8 * 4 and r["dtype"] == "float32"
     t = d["train_student"]
@@ -82,7 +89,7 @@ def test_smoke_runs_every_step_and_writes_every_figure(tmp_path):
 def test_a_step_cut_off_by_its_timeout_leaves_the_figures_before_it(tmp_path):
     out = tmp_path / "out"
     p = gpu_check("--smoke", env={"OUT": str(out), "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "w"),
-                                  "GPU_CHECK_CAPS": "regen=4 cache=3"})
+                                  "GPU_CHECK_CAPS": "regen=4 cache=3 engines=3"})
     d = json.loads((out / "gpu_check.json").read_text())
     assert p.returncode == 0, p.stderr[-3000:]
     assert d["setup"]["teacher"]["params_m"] > 0 and d["env"]["torch"]  # measured before the cut: kept
@@ -90,5 +97,6 @@ def test_a_step_cut_off_by_its_timeout_leaves_the_figures_before_it(tmp_path):
     assert "regen: cut off by its 4 s timeout (figures measured before it are kept; see regen.log)" in d["notes"]
     assert any(n.startswith("cache: cut off by its 3 s timeout") for n in d["notes"])
     assert "train: not run (it trains from the cache the cache step writes)" in d["notes"]
+    assert any(n.startswith("engines: cut off by its 3 s timeout") for n in d["notes"])  # its workers too
     assert (out / "regen.log").exists() and (out / "setup.log").exists()
     assert not _leftovers(str(tmp_path / "w"))  # timeout killed the step's whole process group

@@ -210,13 +210,20 @@ def test_terms_the_cache_cannot_feed_are_refused_naming_the_key(cached_run, tmp_
     run0, student, _ = cached_run
     run = tmp_path / "run"
     shutil.copytree(run0, run)
+    from llavadi.pipeline.config import load_config
+    from llavadi.stages.train_student.compat import preflight
+
+    # the preflight train-student runs before any model loads, in this process (a CLI launch per case costs
+    # seconds of imports); one case through the CLI below
     for ov, want in ((["train_student.kd.positions=all"], "cache_teacher.positions=all"),
                      (["train_student.feature.positions=text"], "cache_teacher.positions=text"),
                      (["train_student.kd.source=sampled"], "cache_teacher.logits=sampled"),
-                     (["train_student.feature.layers=[[1,2]]"], "cache_teacher.hidden_layers containing 2"),
-                     (["train_student.affinity_weight=1"], "cache_teacher.affinity=true")):
-        p = cli("train-student", run, "--student", student, *TRAIN, *ov, check=False)
-        assert p.returncode == 2 and want in p.stderr and "--force" in p.stderr, (ov, p.stderr[-800:])
+                     (["train_student.feature.layers=[[1,2]]"], "hidden_layers=[2] (or any list containing 2)")):
+        cfg = load_config(overrides=[f"train_student.student={student}", *TRAIN, *ov])
+        problems, _ = preflight(run, cfg)
+        assert any(want in x and f"llavadi cache-teacher {run} --force" in x for x in problems), (ov, problems)
+    p = cli("train-student", run, "--student", student, *TRAIN, "train_student.affinity_weight=1", check=False)
+    assert p.returncode == 2 and "cache_teacher.affinity=true" in p.stderr and "--force" in p.stderr, p.stderr[-800:]
     assert not (run / "train_student" / "checkpoints").exists()
 
 

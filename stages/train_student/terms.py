@@ -78,8 +78,9 @@ def build_terms(c, cache_meta: dict) -> list[Term]:
     if c.feature_weight > 0:
         for s_layer, t_layer in c.feature.layers:
             name = "feat" if len(c.feature.layers) == 1 else f"feat[{s_layer},{t_layer}]"
-            out.append(Term(name, c.feature_weight, POSITIONS[c.feature.positions], (hidden_field_name(t_layer),),
-                            f"cache_teacher.hidden_layers containing {t_layer}", layer=int(s_layer),
+            key = f"cache_teacher.hidden_layers=[{t_layer}] (or any list containing {t_layer})"
+            out.append(Term(name, c.feature_weight, POSITIONS[c.feature.positions], (hidden_field_name(t_layer),), key,
+                            layer=int(s_layer),
                             params={"kind": c.feature.kind, "projector": c.feature.projector,
                                     "teacher_layer": int(t_layer)}))
     if c.affinity_weight > 0:
