@@ -384,6 +384,9 @@ class TrainStudentConfig:
     seed: int = 0  # projector init and shuffle order
     shuffle_buffer: int = 1000  # samples; the buffer spans shards
     num_workers: int = 0  # DataLoader worker processes per rank
+    # MB of prepared samples (rendered, tokenised, processed) kept in memory for the next epoch and for later runs
+    # in the same process (sweep arms); used only when a run streams its samples more than once; 0 = off
+    sample_memo_mb: int = 1024
     save_every_steps: int = 100  # checkpoint interval (the last step is always saved)
     keep_checkpoints: int = 2  # newest checkpoints kept, older ones deleted
     log_every_steps: int = 1  # metrics.jsonl / TensorBoard interval
@@ -410,6 +413,8 @@ class TrainStudentConfig:
             p.append("train_student loss weights must be >= 0")
         if max(self.ce_weight, self.kd_weight, self.feature_weight, self.affinity_weight) == 0:
             p.append("train_student: every loss weight is 0 — nothing to train on")
+        if self.sample_memo_mb < 0:
+            p.append("train_student.sample_memo_mb must be >= 0 (0 = off)")
         if self.shuffle_buffer < 1 or self.num_workers < 0 or self.save_every_steps < 1 or self.keep_checkpoints < 1:
             p.append("train_student: shuffle_buffer, save_every_steps, keep_checkpoints must be >= 1, num_workers >= 0")
         return p

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ...schemas.samples import Reject
+from .memo import MEMO, encoded_bytes
 from .rows import affinity_positions, align
 
 INT_FIELDS = ("kind", "token_ids", "topk_ids", "sampled_ids")
@@ -41,12 +42,12 @@ class CollatePlan:
 
 
 def collate(adapter, items: list[dict], plan: CollatePlan, load_image) -> dict:
-    """``items``: stream samples (``{"id", "row", "conv", "cache"}``); ``load_image(row)`` the sample's image or
-    None (raises ``Reject``). See the module docstring for the result."""
+    """``items``: stream samples (``{"id", "row", "conv", "cache"}``); ``load_image(row, decode=True)`` the sample's image or
+    None (raises ``Reject``); with ``decode=False`` it only checks the file. See the module docstring for the result."""
     encs, kept, aligned, rejects = [], [], [], []
     for it in items:
         try:  # one record's problem, found inside the DataLoader: that record is left out, not the run
-            enc = adapter.encode(it["conv"], load_image(it["row"]))
+            enc = _encode(adapter, it, load_image)
             al = {kinds: align(it["cache"], enc, kinds) for kinds, _ in plan.sets}
             if plan.affinity and it["cache"]["affinity"].size:
                 al["aff"] = affinity_positions(it["cache"], enc)
@@ -80,6 +81,21 @@ def collate(adapter, items: list[dict], plan: CollatePlan, load_image) -> dict:
                             "block": torch.from_numpy(np.ascontiguousarray(it["cache"]["affinity"], np.float32)),
                             "sample": b})
     return {"inputs": inputs, "sets": sets, "aff": aff, "sample_ids": [it["id"] for it in kept], "rejects": rejects}
+
+
+def _encode(adapter, it: dict, load_image):
+    """The sample's ``Encoded``: from ``memo.MEMO`` when it holds it (the image is still read and checked against
+    its sha256: ``load_image(row, decode=False)`` raises ``Reject`` when it changed), else the student's
+    processor on the loaded image (then memoised)."""
+    key = it.get("encode_key")
+    enc = MEMO.get(key) if key is not None else None
+    if enc is not None:
+        load_image(it["row"], decode=False)
+        return enc
+    enc = adapter.encode(it["conv"], load_image(it["row"]))
+    if key is not None:
+        MEMO.put(key, enc, encoded_bytes(enc))
+    return enc
 
 
 def to_device(obj, device):

@@ -118,8 +118,8 @@ def alignment_problems(cfg: LlavadiConfig, run_dir: Path, terms: list) -> list[s
         if len(probe) == PROBE_SAMPLES:
             break
 
-    def load(row):
-        return sample_image(root, row, run_dir=run_dir)
+    def load(row, decode=True):
+        return sample_image(root, row, run_dir=run_dir, decode=decode)
 
     res = collate(adapter, probe, CollatePlan(sets, aff), load)
     aligned = {r["reason"] for r in res["rejects"]} & {"image_token_count", "prompt_mismatch"}

@@ -40,6 +40,7 @@ from ...schemas.samples import Reject, iter_samples, sample_image
 from ...schemas.teacher_cache import CacheReader
 from ...schemas.teacher_cache.fields import KIND_ANSWER, POSITIONS
 from .batch import CollatePlan, collate as collate_batch
+from .memo import MEMO, conv_bytes, conversation_key, encode_key
 
 ANSWER = POSITIONS["answer"]
 
@@ -109,8 +110,9 @@ def student_tokens(model_dir: str, prompt_format: str = "auto") -> StudentTokens
 def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = None, *,
                    image_root: Optional[str] = None, check_images: bool = True, skip: frozenset = frozenset(),
                    root_hint: str = "", sources: tuple = BASE) -> Iterator[dict]:
-    """Valid training samples in cache order (``sources`` one after another): ``{"id", "row", "conv", "cache"}`` (``conv``: the
-    conversation in the student's prompt format, ``models.adapter.TextConversation``).
+    """Valid training samples in cache order (``sources`` one after another): ``{"id", "row", "conv", "cache",
+    "encode_key"}`` (``conv``: the conversation in the student's prompt format, ``models.adapter.TextConversation``,
+    from ``memo.MEMO`` when it holds it; ``encode_key``: the memo key of its processor outputs, or None).
 
     A sample is rejected (appended to ``rejects`` as ``{"id", "reason", "detail"}``) when its row is
     missing (``missing_sample``), the student's answer ids differ from the cache's (``token_mismatch``),
@@ -120,12 +122,25 @@ def stream_samples(run_dir: Path, st: StudentTokens, rejects: Optional[list] = N
     rejects) are left out silently, so every epoch, rank and worker sees the same stream whatever happens
     to the image folder meanwhile (a later change is caught when the image is loaded, ``StepDataset.collate``)."""
     adapter = load_adapter(st.model_dir, st.prompt_format)
+    student = _adapter_key(st.model_dir, st.prompt_format)  # the memo's key for this student's processor
     for source in sources:
-        yield from _stream_cache(Path(run_dir), adapter, source, rejects, image_root, check_images, skip, root_hint)
+        yield from _stream_cache(Path(run_dir), adapter, student, source, rejects, image_root, check_images, skip,
+                                 root_hint)
 
 
-def _stream_cache(run_dir: Path, adapter, source: Source, rejects: Optional[list], image_root: Optional[str],
-                  check_images: bool, skip: frozenset, root_hint: str) -> Iterator[dict]:
+def _conversation(adapter, student: tuple, row: dict) -> tuple:
+    """``(conversation key, TextConversation)`` of a row, from the memo (``memo.py``) when it holds it."""
+    ck = conversation_key(row)
+    conv = MEMO.get(("conv", student, ck))
+    if conv is None:
+        # sampled answer ids (an on-policy round's rows) are spliced in, never re-tokenised from text
+        conv = row_conversation(adapter, row)
+        MEMO.put(("conv", student, ck), conv, conv_bytes(conv))
+    return ck, conv
+
+
+def _stream_cache(run_dir: Path, adapter, student: tuple, source: Source, rejects: Optional[list],
+                  image_root: Optional[str], check_images: bool, skip: frozenset, root_hint: str) -> Iterator[dict]:
     reader = CacheReader(run_dir / source.cache)
     src = StageDir(run_dir, reader.meta.get("source", "regenerate"))
     for entry in reader.shards:
@@ -138,8 +153,7 @@ def _stream_cache(run_dir: Path, adapter, source: Source, rejects: Optional[list
             try:
                 if row is None:
                     raise Reject("missing_sample", f"{s['sample_id']} is not in {src.data_file(entry['shard']).name}")
-                # sampled answer ids (an on-policy round's rows) are spliced in, never re-tokenised from text
-                conv = row_conversation(adapter, row)
+                ck, conv = _conversation(adapter, student, row)
                 mine = [conv.ids[p] for a, b in conv.spans for p in range(a, b)]
                 theirs = s["token_ids"][s["kind"] == KIND_ANSWER].tolist()  # whatever positions the cache keeps
                 if mine != theirs:
@@ -151,7 +165,8 @@ def _stream_cache(run_dir: Path, adapter, source: Source, rejects: Optional[list
                 if rejects is not None:
                     rejects.append({"id": s["sample_id"], "reason": r.reason, "detail": r.detail})
                 continue
-            yield {"id": s["sample_id"], "row": row, "conv": conv, "cache": s}
+            yield {"id": s["sample_id"], "row": row, "conv": conv, "cache": s,
+                   "encode_key": encode_key(student, ck, row)}
 
 
 def scan(run_dir: Path, st: StudentTokens, out_dir: Path, fingerprint: str, image_root: Optional[str],
@@ -263,4 +278,5 @@ class StepDataset(IterableDataset):
         (``image_token_count``, ``prompt_mismatch``), each ``{"id", "reason", "detail"}``. Every item left
         out → only ``sample_ids`` ([]) and ``rejects``."""
         return collate_batch(self._adapter(), items, self.plan,
-                             lambda row: sample_image(self.image_root, row, run_dir=self.run_dir, root_hint=root_hint))
+                             lambda row, decode=True: sample_image(self.image_root, row, run_dir=self.run_dir,
+                                                                   decode=decode, root_hint=root_hint))

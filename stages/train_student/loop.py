@@ -36,6 +36,7 @@ from .checkpoint import latest_checkpoint, pull_cache, save_checkpoint
 from .compat import preflight
 from .continuation import Continuation, begin, start_step
 from .data import BASE, StepDataset, load_adapter, scan as scan_samples, student_tokens
+from .memo import MEMO
 from .metrics import Metrics
 from .setup import Built, build, init_distributed, material, open_stage
 from .step import run_step
@@ -103,6 +104,8 @@ def train(run_dir: Path | str, cfg: LlavadiConfig, *, force: bool = False, progr
                              f"{scan['rejected'] or 'none'}; see {sd.path / 'rejects.jsonl'}; images read from {root} "
                              f"({root_from})): lower train_student.batch_size or cache more data")
         total_steps = start_step(cont) + (c.max_steps or steps_per_epoch * c.epochs)
+        # prepared samples kept for the next epoch (memo.py) only when there is one
+        MEMO.configure(c.sample_memo_mb << 20 if (c.max_steps or steps_per_epoch * c.epochs) > steps_per_epoch else 0)
         # build terms: the declared loss terms, and what the collate must align for them
         terms = build_terms(c, CacheReader(run_dir / "cache_teacher", verify=False).meta)
         plan = CollatePlan(tuple(row_sets(terms).items()), affinity=any(t.name == "aff" for t in terms))

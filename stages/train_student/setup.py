@@ -45,7 +45,7 @@ def init_distributed() -> tuple[int, int, bool]:
 def material(cfg: LlavadiConfig) -> dict:
     c = asdict(cfg.train_student)
     for k in ("num_workers", "save_every_steps", "keep_checkpoints", "log_every_steps", "log_sample_ids",
-              "cache_from", "nonfinite", "gradient_checkpointing", "cache_image_root"):
+              "cache_from", "nonfinite", "gradient_checkpointing", "cache_image_root", "sample_memo_mb"):
         c.pop(k)  # how it runs, not what it computes (a pulled cache is checked by its own fingerprint)
     if not c["lora"]["enabled"]:
         c.pop("lora")  # LoRA off: the fingerprints of runs from before the lora keys existed stay valid
