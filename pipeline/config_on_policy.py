@@ -24,7 +24,7 @@ class OnPolicyConfig:
     # how a round trains: shuffle = the re-answered samples (round cache) and the other prompts' base-cache
     # samples shuffled together, one pass; on_policy_only = the round cache alone
     mix: Literal["shuffle", "on_policy_only"] = "shuffle"
-    engine: Literal["hf", "vllm"] = "hf"  # what generates the student's answers (vllm: not yet, refused before work)
+    engine: Literal["hf", "vllm"] = "hf"  # what generates the student's answers (transformers generate, or vLLM)
     temperature: float = 1.0  # sampling temperature of the student's answers (0 = greedy; the study's align_on_policy: 1.0)
     max_new_tokens: int = 64  # per answer turn (the study's align_on_policy: 64)
     # round r's seed = a hash of (seed, r): its prompt draw, answer sampling and shuffle differ per round; recorded

@@ -213,7 +213,7 @@ class RegenerateStage:
                     continue
                 reqs.append(GenRequest(prompt, st["img"], request_seed(c.seed, row["id"], t)))
                 who.append(j)
-            results = self._generate(engine, reqs, c.sampling, state, who)
+            results = generate_isolating_failures(engine, reqs, c.sampling, state, who)
             cached["prompt_tokens"] += sum(r.cached_prompt_tokens for r in results if r is not None)
             for j, res in zip(who, results):
                 if res is None:  # this record failed in the engine (state[j]["fail"] says why)
@@ -255,27 +255,28 @@ class RegenerateStage:
                 out.append({"turns": st["turns"], "reasons": st["reasons"], "ntoks": st["ntoks"]})
         return out
 
-    @staticmethod
-    def _generate(engine, reqs: list, sampling, state: list, who: list) -> list:
-        """``engine.generate`` over ``reqs``; when the batch fails, each request alone, so a record the
-        engine cannot take is rejected (``model_error``, with the reason) and the shard goes on.
-        Results are those of the same requests (seeded per request), None where one failed."""
-        if not reqs:
-            return []
-        try:
-            return engine.generate(reqs, sampling)
-        except Exception:  # noqa: BLE001 - find which record(s) the engine refuses
-            out = []
-            for r, j in zip(reqs, who):
-                try:
-                    out.append(engine.generate([r], sampling)[0])
-                except Exception as e:  # noqa: BLE001
-                    state[j]["fail"] = ("model_error", f"{type(e).__name__}: {e}"[:500])
-                    out.append(None)
-            return out
-
     def cleanup(self, ctx: StageContext, task: ShardTask) -> None:
         pass
+
+
+def generate_isolating_failures(engine, reqs: list, sampling, state: list, who: list) -> list:
+    """``engine.generate`` over ``reqs``; when the batch fails, each request alone, so a record the engine
+    cannot take is rejected (``state[j]["fail"] = ("model_error", reason)`` for request ``who[j]``) and the shard
+    goes on. Results are those of the same requests (seeded per request), None where one failed. Shared by
+    regenerate and the on-policy rounds' generate part."""
+    if not reqs:
+        return []
+    try:
+        return engine.generate(reqs, sampling)
+    except Exception:  # noqa: BLE001 - find which record(s) the engine refuses
+        out = []
+        for r, j in zip(reqs, who):
+            try:
+                out.append(engine.generate([r], sampling)[0])
+            except Exception as e:  # noqa: BLE001
+                state[j]["fail"] = ("model_error", f"{type(e).__name__}: {e}"[:500])
+                out.append(None)
+        return out
 
 
 STAGE = RegenerateStage()

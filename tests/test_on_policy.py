@@ -1,7 +1,7 @@
 """``llavadi on-policy`` (issue #24) on the tiny models: the round cache equals an independent teacher forward
 on the student's sampled ids; greedy generations equal HF ``generate`` from the previous round's checkpoint;
 two rounds equal one continued run over the same batches; SIGKILL in each part of a round + the same command =
-the uninterrupted round; the sampled-id splice and its rejects; tokenizer and engine refusals."""
+the uninterrupted round; the sampled-id splice and its rejects; the tokenizer refusal; a vLLM round = the HF round (greedy)."""
 import json
 import shutil
 import signal
@@ -124,32 +124,38 @@ def conversation_inputs(proc, root: Path, row: dict, turns: int):
     return inp, pos, ans
 
 
+def hf_greedy_turns(run: Path, r: int, gen: Path, root: Path) -> int:
+    """Assert every turn of every row round ``r`` generated = transformers ``generate`` from ``gen`` on the prompt
+    built here (``conversation_inputs``); returns how many later turns (prompts holding spliced ids) were checked."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    proc = AutoProcessor.from_pretrained(gen)
+    model = LlavaForConditionalGeneration.from_pretrained(gen, dtype=torch.float32).eval()
+    eos = proc.tokenizer.eos_token_id
+    got = rows(run, r)
+    assert got, f"round {r} generated nothing"
+    later_turns = 0
+    for row in got:
+        for t, answer in enumerate(row["answer_token_ids"]):
+            inp, _, _ = conversation_inputs(proc, root, row, t)
+            with torch.no_grad():
+                out = model.generate(**inp, do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                                     pad_token_id=proc.tokenizer.pad_token_id)[0, inp["input_ids"].shape[1]:].tolist()
+            if eos in out:
+                out = out[: out.index(eos) + 1]
+            assert answer == out, (r, row["id"], t)
+            assert row["turn_finish_reasons"][t] == ("stop" if out[-1] == eos else "length")
+            later_turns += t > 0
+    return later_turns
+
+
 def test_generations_equal_hf_generate_from_the_previous_checkpoint(rounds2, cached_run):
     """Greedy: every turn of every generated row = transformers ``generate`` from round r-1's final checkpoint, on
     the prompt built here (``conversation_inputs``) — the generator's spliced prompt must be exactly that."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     run, _ = rounds2
-    root = cached_run[2]
-    later_turns = 0
-    for r, gen in ((1, final_ckpt(run, "train_student")), (2, final_ckpt(run, "on_policy/round_1/train_student"))):
-        proc = AutoProcessor.from_pretrained(gen)
-        model = LlavaForConditionalGeneration.from_pretrained(gen, dtype=torch.float32).eval()
-        eos = proc.tokenizer.eos_token_id
-        got = rows(run, r)
-        assert got, f"round {r} generated nothing"
-        for row in got:
-            for t, answer in enumerate(row["answer_token_ids"]):
-                inp, _, _ = conversation_inputs(proc, root, row, t)
-                with torch.no_grad():
-                    out = model.generate(**inp, do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=eos,
-                                         pad_token_id=proc.tokenizer.pad_token_id)[0, inp["input_ids"].shape[1]:].tolist()
-                if eos in out:
-                    out = out[: out.index(eos) + 1]
-                assert answer == out, (r, row["id"], t)
-                assert row["turn_finish_reasons"][t] == ("stop" if out[-1] == eos else "length")
-                later_turns += t > 0
-    assert later_turns  # prompts holding the student's earlier answers as its ids
+    later = sum(hf_greedy_turns(run, r, gen, cached_run[2]) for r, gen in
+                ((1, final_ckpt(run, "train_student")), (2, final_ckpt(run, "on_policy/round_1/train_student"))))
+    assert later  # prompts holding the student's earlier answers as its ids
 
 
 def test_round_cache_is_an_independent_teacher_forward_on_the_sampled_ids(rounds2, cached_run, tiny_teacher):
@@ -362,15 +368,16 @@ def test_student_and_teacher_must_share_the_tokenizer(base, tmp_path):
     assert tokenizer_problems(cfg, final_ckpt(base, "train_student")) == []
 
 
-def test_vllm_engine_is_refused_before_work(base, tmp_path):
-    from llavadi.pipeline.runner import StageError
-    from llavadi.stages.on_policy.rounds import run_on_policy
-
+def test_a_vllm_round_answers_as_transformers_generate(base, cached_run, tmp_path):
+    """on_policy.engine=vllm (through the CLI: vLLM's CPU backend pins the threads of the process that loads it),
+    greedy, every drawn prompt re-answered: every turn = transformers ``generate`` from the generator (the spliced
+    prompt goes to vLLM as text-level ids with the image; vLLM expands the placeholder)."""
     run = tmp_path / "run"
     shutil.copytree(base, run)
-    with pytest.raises(StageError, match="on_policy.engine=hf"):
-        run_on_policy(run, config(run, "on_policy.engine=vllm"), progress=False)
-    assert not (run / "on_policy").exists()
+    cli("on-policy", run, "--rounds", "1", "--executor", "local", *TRAIN, *ROUNDS, "on_policy.engine=vllm",
+        "on_policy.fraction=1.0")
+    assert hf_greedy_turns(run, 1, final_ckpt(run, "train_student"), cached_run[2])  # later turns were checked
+    assert json.loads(rows(run, 1)[0]["sampling"])["engine"] == "vllm"
 
 
 def test_a_lora_student_continues_through_a_round(cached_run, tmp_path):

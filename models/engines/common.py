@@ -80,10 +80,11 @@ def teacher_adapter(teacher: TeacherConfig):
     return ModelAdapter(teacher.model, teacher.prompt_format)
 
 
-def vllm_prompt(adapter, text: str, image) -> dict:
+def vllm_prompt(adapter, text: str, image, ids: Optional[list] = None) -> dict:
     """A vLLM prompt: the text's own token ids (as the HF path tokenises it: one BOS even when the
-    template writes it) and the image; vLLM expands the placeholder itself."""
-    p = {"prompt_token_ids": adapter.family.text_ids(adapter.processor, text)}
+    template writes it), or ``ids`` when given (a prompt holding sampled answer ids), and the image; vLLM
+    expands the placeholder itself."""
+    p = {"prompt_token_ids": list(ids) if ids is not None else adapter.family.text_ids(adapter.processor, text)}
     if image is not None:
         p["multi_modal_data"] = {"image": image}
     return p
@@ -98,6 +99,7 @@ def safetensors_files(model_dir: Path) -> list[str]:
 
 
 CPU_KV_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
+CPU_STEP_TOKENS = 4096  # tokens per engine step on CPU (vLLM's default budget), at least one whole prompt
 
 
 def vllm_engine_kwargs(teacher: TeacherConfig, on_gpu: bool) -> dict:
@@ -106,7 +108,7 @@ def vllm_engine_kwargs(teacher: TeacherConfig, on_gpu: bool) -> dict:
     ``enforce_eager`` None: eager on CPU (compiling costs ~1 min at start and a C++ toolchain for
     a few % of decoding speed), vLLM's default on GPU (compiled + CUDA graphs). Prefix caching per
     ``teacher.prefix_caching``, in blocks of ``teacher.kv_block_size`` (None: ``CPU_KV_BLOCK_SIZE``
-    on CPU, vLLM's default on GPU)."""
+    on CPU, vLLM's default on GPU). On CPU no chunked prefill (see below: seeded sampling needs it off)."""
     kw = dict(model=teacher.model, tokenizer=teacher.model, dtype=resolve_dtype(teacher.dtype, on_gpu),
               max_model_len=max_model_len(teacher), tensor_parallel_size=teacher.tensor_parallel_size,
               seed=0, enable_prefix_caching=teacher.prefix_caching, limit_mm_per_prompt={"image": 1})
@@ -119,6 +121,12 @@ def vllm_engine_kwargs(teacher: TeacherConfig, on_gpu: bool) -> dict:
     block = teacher.kv_block_size or (None if on_gpu else CPU_KV_BLOCK_SIZE)
     if block:
         kw["block_size"] = block
+    if not on_gpu:
+        # vLLM's CPU runner cannot rewind a seeded request's generator when a step ends inside its prompt (a chunked
+        # prefill): "RuntimeError: CPU Generator does not use offset" (gpu_model_runner._bookkeeping_sync, vLLM 0.32)
+        # as soon as sampled requests hold more prompt tokens than one step takes. Whole prompts per step instead.
+        kw["enable_chunked_prefill"] = False
+        kw["max_num_batched_tokens"] = max(CPU_STEP_TOKENS, kw["max_model_len"])
     return kw
 
 

@@ -32,6 +32,9 @@ class GenRequest:
     # the forward inputs themselves (``[1, L]`` tensors, image expanded) instead of ``prompt`` — a prompt that
     # holds earlier sampled answer ids (``models.answer_ids.turn_prompt``); the HF engine only
     inputs: Optional[dict] = None
+    # the same prompt as text-level ids (image placeholder not expanded: vLLM expands it), for the vLLM engine;
+    # a request with ``inputs`` needs them there
+    prompt_ids: Optional[list] = None
 
 
 @dataclass
@@ -78,10 +81,10 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         prompts, params = [], []
-        if any(r.inputs is not None for r in reqs):
-            raise NotImplementedError("the vLLM engine takes text prompts only (GenRequest.inputs: HF engine)")
+        if any(r.inputs is not None and r.prompt_ids is None for r in reqs):
+            raise ValueError("a GenRequest with forward inputs needs prompt_ids for the vLLM engine")
         for r in reqs:
-            prompts.append(vllm_prompt(self.adapter, r.prompt, r.image))
+            prompts.append(vllm_prompt(self.adapter, r.prompt, r.image, r.prompt_ids))
             params.append(SamplingParams(
                 n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_new_tokens,
                 min_tokens=s.min_new_tokens, stop=list(s.stop) or None, stop_token_ids=sorted(self.eos),

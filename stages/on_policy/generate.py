@@ -7,8 +7,9 @@ prompts (``plan.select_prompts``). Per block of rows, turn-synchronously (as ``r
 is the conversation so far in the *student's* prompt format with its own earlier answers spliced in as their
 ids (``models.answer_ids.turn_prompt``), so the student answers turn t after exactly the tokens it produced.
 Request seeds derive from (round seed, sample id, turn): a shard generated twice — after a kill — is
-byte-identical. Generation: transformers ``generate`` (``on_policy.engine=hf``; vLLM is refused before work
-for now: its prompts would need the spliced ids, a path not yet built or tested).
+byte-identical. Generation: transformers ``generate`` (``on_policy.engine=hf``: the forward inputs of the spliced ids) or
+vLLM (``vllm``: the same prompt as text-level ids, ``prompt_token_ids`` with the image; vLLM expands the
+placeholder), the student served with the teacher's engine settings (``teacher.*``: dtype, context, prefix cache).
 
 Output ``part-NNNNN.parquet``: the sample columns (``conversations``: the human turns and the decoded answers),
 plus
@@ -40,8 +41,9 @@ import pyarrow as pa
 from ...models.answer_ids import answer_conversation, answer_text, prompt_problem, turn_prompt
 from ...pipeline import atomic
 from ...pipeline.config import LlavadiConfig, SamplingConfig
-from ...pipeline.stage import ShardOutput, ShardTask, StageContext, plan_from_upstream
+from ...pipeline.stage import ShardOutput, ShardTask, StageContext, engine_installed, plan_from_upstream
 from ...schemas.samples import SAMPLE_SCHEMA, TURN_TYPE, Reject, iter_samples, sample_image, write_samples
+from ..regenerate import generate_isolating_failures
 from .plan import RoundStart, digest, part_dir, rel_path
 
 GENERATE_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [
@@ -52,7 +54,7 @@ GENERATE_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [
     pa.field("turn_finish_reasons", pa.list_(pa.string())),
     pa.field("turn_num_tokens", pa.list_(pa.int32())),
 ])
-BLOCK = 64  # samples per turn-synchronous step (the HF engine answers one request at a time anyway)
+BLOCK = 256  # samples per turn-synchronous step: vLLM batches them (the HF engine answers one at a time anyway)
 
 
 def sampling(cfg: LlavadiConfig) -> SamplingConfig:
@@ -82,15 +84,14 @@ class GenerateStage:
         return {"model": rel_path(self.start.generator, run_dir), "weights_sha256": self.generator_sha256,
                 "prompt_format": cfg.train_student.prompt_format, "round": self.start.r}
 
-    @staticmethod
-    def engine_problems(cfg: LlavadiConfig) -> list[str]:
-        if cfg.on_policy.engine == "vllm":
-            return ["on_policy.engine=vllm is not supported yet (the student's prompts hold its earlier answers as "
-                    "sampled ids, which only the HF engine takes so far): set on_policy.engine=hf"]
-        return []
-
     def preflight(self, cfg: LlavadiConfig, run_dir: Path) -> list[str]:
-        return self.engine_problems(cfg)
+        from ...models.adapter import vllm_support
+
+        p = engine_installed(cfg.on_policy.engine, "on_policy.engine")
+        if not p and cfg.on_policy.engine == "vllm" and (why := vllm_support(self.start.generator)):
+            p.append(f"on_policy.engine=vllm: the student's family cannot run on vLLM here: {why}; set "
+                     f"on_policy.engine=hf")
+        return p
 
     def material(self, cfg: LlavadiConfig, run_dir: Path) -> dict:
         op = asdict(cfg.on_policy)
@@ -108,12 +109,14 @@ class GenerateStage:
         return plan_from_upstream(ctx, is_done)
 
     def setup(self, ctx: StageContext):
-        from ...models.engines.generate import HFEngine
+        from ...models.engines.generate import make_engine
 
-        return HFEngine(replace(ctx.cfg.teacher, model=str(self.start.generator),
-                                prompt_format=ctx.cfg.train_student.prompt_format))
+        # the student is served as regenerate serves the teacher (its dtype, context, vLLM settings)
+        return make_engine(ctx.cfg.on_policy.engine, replace(ctx.cfg.teacher, model=str(self.start.generator),
+                                                             prompt_format=ctx.cfg.train_student.prompt_format))
 
     def process(self, ctx: StageContext, engine, task: ShardTask) -> ShardOutput:
+        engine.reset_cache()  # a shard's answers must not depend on the shards this engine served before
         rows_out, rejects, reasons = [], [], {}
         n_in = gen_tokens = 0
         t0 = time.time()
@@ -202,9 +205,10 @@ class GenerateStage:
                                                      f"context)")
                     continue
                 st["prompts"].append(ids)
-                reqs.append(GenRequest("", st["img"], request_seed(self.seed, row["id"], t), inputs=inputs))
+                reqs.append(GenRequest("", st["img"], request_seed(self.seed, row["id"], t), inputs=inputs,
+                                       prompt_ids=ids))
                 who.append(j)
-            for j, res in zip(who, _generate(engine, reqs, s, state, who)):
+            for j, res in zip(who, generate_isolating_failures(engine, reqs, s, state, who)):
                 if res is None:
                     continue
                 st, human = state[j], block[j]["conversations"][2 * t]
@@ -229,22 +233,4 @@ class GenerateStage:
                     st["fail"] = (r.reason, r.detail)
             out.append({"reject": st["fail"]} if st["fail"] else
                        {"turns": st["turns"], "answers": st["answers"], "reasons": st["reasons"]})
-        return out
-
-
-def _generate(engine, reqs: list, s: SamplingConfig, state: list, who: list) -> list:
-    """``engine.generate``; when the batch fails, each request alone (one record the engine cannot take is
-    rejected as ``model_error``, the shard goes on). None where a request failed."""
-    if not reqs:
-        return []
-    try:
-        return engine.generate(reqs, s)
-    except Exception:  # noqa: BLE001
-        out = []
-        for r, j in zip(reqs, who):
-            try:
-                out.append(engine.generate([r], s)[0])
-            except Exception as e:  # noqa: BLE001
-                state[j]["fail"] = ("model_error", f"{type(e).__name__}: {e}"[:500])
-                out.append(None)
         return out
