@@ -7,7 +7,7 @@ import pytest
 
 from conftest import cli, status_json
 
-ARMS = ["ce", "ce+kd", "ce+feat", "llavadi", "llavadi+regen"]
+ARMS = ["ce", "ce+kd", "ce+feat", "llavadi", "llavadi+regen", "llavadi+on-policy"]
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +25,25 @@ def test_demo_smoke_runs_every_arm_and_reuses_on_rerun(demo_root, tmp_path):
     for r in res["results"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["kl_to_teacher"] >= 0 and r["perplexity"] > 1
     report = (root / "report.md").read_text()
-    for label in ("CE only", "logit KD", "feature KD", "LLAVADI", "regenerated"):
+    for label in ("CE only", "logit KD", "feature KD", "LLAVADI", "regenerated", "on-policy rounds"):
         assert label in report and label in p.stdout
     png = (root / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert res["teacher"]["path"].endswith("assets/demo_teacher")
     assert set(res["curves"]) == {"ce", "llavadi"} and all(len(c) == 2 for c in res["curves"].values())
     assert all(0.0 <= p["accuracy"] <= 1.0 for c in res["curves"].values() for p in c)
-    assert set(res["timings_s"]) >= {"teacher_passes", "students_train", "eval", "curves"}
+    assert set(res["timings_s"]) >= {"teacher_passes", "students_train", "on_policy", "eval", "curves"}
     assert "Measured ordering" in report and "gap" in report and "Learning curves" in report
     for run in ("original", "regenerated", "heldout"):
         st = status_json(root / "runs" / run)["stages"]
         assert all(s["complete"] for s in st.values()), (run, st)
     assert status_json(root / "runs" / "regenerated")["stages"]["regenerate"]["samples"]["out"] > 0
+    # the on-policy arm continued seed 0's LLAVADI student: its round answered, was scored and trained
+    op = res["results"][-1]
+    assert op["rounds"] == 1 and op["steps"] > 4  # the LLAVADI arm's 4 steps, then the round's
+    round_1 = root / "runs" / "on-policy-s0" / "on_policy" / "round_1"
+    assert json.loads((round_1 / "round.json").read_text())["init"].startswith(
+        str(root / "runs" / "on-policy-s0" / "train_student" / "checkpoints"))
     # every arm starts from the stage-1 student: caption alignment moved the language model and the
     # projector, not the pre-trained vision tower (frozen, as LLaVA freezes CLIP)
     from safetensors.torch import load_file

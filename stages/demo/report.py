@@ -12,10 +12,12 @@ ARM_LABEL = {
     "ce+feat": "(3) CE + feature KD",
     "llavadi": "(4) CE + logit + feature (LLAVADI)",
     "llavadi+regen": "(5) LLAVADI on teacher-regenerated data",
+    "llavadi+on-policy": "(6) LLAVADI + on-policy rounds (the student's own answers, teacher-scored)",
 }
 PHASES = {"teacher_build": "teacher (shipped: load; --rebuild-teacher: build)", "data": "data",
           "student_init": "student stages 0–1 (vision pre-training, caption alignment)",
           "teacher_passes": "teacher passes (regenerate + caches)", "students_train": "student training",
+          "on_policy": "on-policy rounds (answers, teacher pass, training)",
           "eval": "test-split evaluation", "curves": "learning curves (validation)"}
 
 
