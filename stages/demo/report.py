@@ -75,6 +75,11 @@ def findings(out: dict) -> list[str]:
         d = rg["accuracy"] - ld["accuracy"]
         lines.append(f"- regenerated-data LLAVADI − original-data LLAVADI = {d:+.1f} points "
                      f"(goal ≥ 0: {'met' if d >= 0 else 'missed'}).")
+    op = rows.get("llavadi+on-policy")
+    if ld and op and len(op["points"]) == len(ld["points"]):  # the same seeds: each one's own LLAVADI student
+        each = ", ".join(f"{a - b:+.1f}" for a, b in zip(op["points"], ld["points"]))
+        lines.append(f"- on-policy rounds − the LLAVADI student they continue = {op['accuracy'] - ld['accuracy']:+.1f} "
+                     f"points (per seed: {each}).")
     return lines
 
 
