@@ -69,6 +69,8 @@ FIGURES = [
     ("train_student", "kd_step_ratio_mid_all_exact", "train step all-token exact KD + all-token feature ÷ CE-only, "
      "≈107M student", "reported", "{:.3f}"),
     ("train_student", "loader_over_trainer_w0", "loader ÷ trainer samples/s (0 workers)", "≥ 5", "{:.2f}"),
+    ("train_student", "loader_over_trainer_w0_memo", "… with the prepared-sample memo (3 epochs: "
+     "train_student.sample_memo_mb)", "reported", "{:.2f}"),
     ("train_student", "gc_mem_ratio", "train step peak memory with ÷ without gradient checkpointing, ≈107M "
      "student, batch 16", "reported", "{:.3f}"),
     ("train_student", "kd_mem_ratio_fused_over_naive", "exact-KD peak memory ÷ naive full logits, N 4096, "
