@@ -127,7 +127,6 @@ class RegenerateStage:
         t0 = time.time()
         ident = json.dumps(teacher_identity(ctx.cfg), sort_keys=True)
         sampling = json.dumps({"engine": c.engine, **asdict(c.sampling), "seed": c.seed}, sort_keys=True)
-        block: list[dict] = []
         finish_counts: dict[str, int] = {}
 
         def reject(row, reason, detail):
@@ -149,13 +148,8 @@ class RegenerateStage:
                                  "teacher": ident, "sampling": sampling, "turn_finish_reasons": reasons_t,
                                  "turn_num_tokens": ntoks})
 
-        for row in iter_samples(task.payload):
-            n_in += 1
-            block.append(row)
-            if len(block) == c.block_size:
-                run_block(block)
-                block = []
-        if block:
+        for block in blocks(iter_samples(task.payload), c.block_size):
+            n_in += len(block)
             run_block(block)
         out = ctx.stage.data_file(task.index)
         tmp = atomic.tmp_name(out)
@@ -257,6 +251,19 @@ class RegenerateStage:
 
     def cleanup(self, ctx: StageContext, task: ShardTask) -> None:
         pass
+
+
+def blocks(rows, size: int):
+    """``rows`` in lists of ``size`` (the last one shorter): the turn-synchronous blocks of regenerate and the
+    on-policy rounds (``itertools.batched`` from Python 3.12)."""
+    block = []
+    for row in rows:
+        block.append(row)
+        if len(block) == size:
+            yield block
+            block = []
+    if block:
+        yield block
 
 
 def generate_isolating_failures(engine, reqs: list, sampling, state: list, who: list) -> list:

@@ -43,7 +43,7 @@ from ...pipeline import atomic
 from ...pipeline.config import LlavadiConfig, SamplingConfig
 from ...pipeline.stage import ShardOutput, ShardTask, StageContext, engine_installed, plan_from_upstream
 from ...schemas.samples import SAMPLE_SCHEMA, TURN_TYPE, Reject, iter_samples, sample_image, write_samples
-from ..regenerate import generate_isolating_failures
+from ..regenerate import blocks, generate_isolating_failures
 from .plan import RoundStart, digest, part_dir, rel_path
 
 GENERATE_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [
@@ -123,7 +123,6 @@ class GenerateStage:
         gen = json.dumps(self.generator(ctx.cfg, ctx.run_dir), sort_keys=True)
         samp = json.dumps({"engine": ctx.cfg.on_policy.engine, **asdict(sampling(ctx.cfg)), "seed": self.seed},
                           sort_keys=True)
-        block: list[dict] = []
 
         def run_block(block):
             nonlocal gen_tokens
@@ -140,15 +139,8 @@ class GenerateStage:
                                  "turn_finish_reasons": res["reasons"],
                                  "turn_num_tokens": [len(a) for a in res["answers"]]})
 
-        for row in iter_samples(task.payload):
-            if row["id"] not in self.on_ids:
-                continue
-            n_in += 1
-            block.append(row)
-            if len(block) == BLOCK:
-                run_block(block)
-                block = []
-        if block:
+        for block in blocks((row for row in iter_samples(task.payload) if row["id"] in self.on_ids), BLOCK):
+            n_in += len(block)
             run_block(block)
         out = ctx.stage.data_file(task.index)
         tmp = atomic.tmp_name(out)
